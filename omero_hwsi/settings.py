@@ -1,0 +1,196 @@
+"""One frozen settings object, read from ``HWSI_*`` environment variables and a TOML file.
+
+Precedence, highest first: environment variable, TOML file, built-in default. An empty
+environment variable counts as unset. The TOML file is ``$HWSI_CONFIG`` if set, else
+``/etc/omero-hwsi.toml`` if it exists; its keys are the field names below (``data_dir``,
+``mpp_tolerance``, ...), unknown keys are refused so typos do not pass silently. Relative paths
+in the TOML file are taken relative to the file's folder.
+
+Stages never take the whole object: callers pass the few values a stage needs.
+Every field is documented in ``docs/configuration.md`` (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omero_hwsi.errors import ConfigError
+
+__all__ = ["DEFAULT_CONFIG_PATH", "ENV_PREFIX", "Settings", "load_settings"]
+
+ENV_PREFIX = "HWSI_"
+DEFAULT_CONFIG_PATH = Path("/etc/omero-hwsi.toml")
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "omero-hwsi"
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of omero-hwsi; build it with :func:`load_settings`."""
+
+    config: Path | None = field(default=None, metadata=_doc(
+        "TOML file read for settings (default `/etc/omero-hwsi.toml` if present)."))
+    data_dir: Path = field(default_factory=_default_data_dir, metadata=_doc(
+        "Root for caches, feature stores and results; shared by all workers."))
+    feature_dir: Path | None = field(default=None, metadata=_doc(
+        "Where feature stores are written (default `<data_dir>/features`)."))
+    model_dir: Path | None = field(default=None, metadata=_doc(
+        "Where models, tokenizers and encoder weights are looked up (default `<data_dir>/models`)."))
+    target_mpp: float = field(default=0.5, metadata=_doc(
+        "Microns per pixel at which regions and patches are cut and encoded."))
+    region_px: int = field(default=4096, metadata=_doc(
+        "Region side in pixels at `target_mpp` (4096 px at 0.5 um/px = 2.048 mm)."))
+    patch_px: int = field(default=256, metadata=_doc(
+        "Patch side in pixels at `target_mpp`; must divide `region_px`."))
+    mpp_tolerance: float = field(default=0.05, metadata=_doc(
+        "Relative MPP difference under which pixels are used as they are (no resampling)."))
+    min_tissue_fraction: float = field(default=0.25, metadata=_doc(
+        "Fraction of a patch that must lie on tissue for the patch to be kept."))
+    candidates_per_region: int = field(default=32, metadata=_doc(
+        "Diversity candidates kept per region by semantic patch selection."))
+    patches_per_region: int = field(default=16, metadata=_doc(
+        "Patches per region selected by relevance among the candidates (k)."))
+    extract_workers: int = field(default=2, metadata=_doc(
+        "Worker processes reading and encoding patches during extraction (0 = in-process)."))
+    log_level: str = field(default="WARNING", metadata=_doc(
+        "Python logging level for the CLI (DEBUG, INFO, WARNING, ERROR)."))
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.target_mpp > 0, f"target_mpp must be > 0, got {self.target_mpp}"),
+            (self.region_px > 0, f"region_px must be > 0, got {self.region_px}"),
+            (self.patch_px > 0, f"patch_px must be > 0, got {self.patch_px}"),
+            (self.patch_px <= self.region_px and self.region_px % self.patch_px == 0,
+             f"patch_px ({self.patch_px}) must divide region_px ({self.region_px})"),
+            (0 <= self.mpp_tolerance < 1, f"mpp_tolerance must be in [0, 1), got {self.mpp_tolerance}"),
+            (0 < self.min_tissue_fraction <= 1,
+             f"min_tissue_fraction must be in (0, 1], got {self.min_tissue_fraction}"),
+            (self.candidates_per_region >= 1,
+             f"candidates_per_region must be >= 1, got {self.candidates_per_region}"),
+            (1 <= self.patches_per_region <= self.candidates_per_region,
+             f"patches_per_region must be in [1, candidates_per_region], got {self.patches_per_region}"),
+            (self.extract_workers >= 0, f"extract_workers must be >= 0, got {self.extract_workers}"),
+            (self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"},
+             f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"invalid setting: {message}")
+
+    @property
+    def features_path(self) -> Path:
+        """The feature-store root, resolved against ``data_dir``."""
+        return self.feature_dir or self.data_dir / "features"
+
+    @property
+    def models_path(self) -> Path:
+        """The model root, resolved against ``data_dir``."""
+        return self.model_dir or self.data_dir / "models"
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def env_var(name: str) -> str:
+    """The environment variable that sets field ``name``."""
+    return ENV_PREFIX + name.upper()
+
+
+def _field_types() -> dict[str, type]:
+    kinds: dict[str, type] = {}
+    for f in dataclasses.fields(Settings):
+        text = str(f.type)
+        kinds[f.name] = Path if "Path" in text else int if text == "int" else float if text == "float" else str
+    return kinds
+
+
+def _convert(name: str, raw: Any, kind: type, source: str, base: Path | None) -> Any:
+    try:
+        if kind is Path:
+            path = Path(str(raw)).expanduser()
+            return (base / path) if base is not None and not path.is_absolute() else path
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(raw)
+            return int(raw)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"invalid setting {name} from {source}: {raw!r} is not a valid {kind.__name__}"
+        ) from err
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: settings file not found (set by {env_var('config')})") from err
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read settings file: {err}") from err
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
+    """Build the settings from the environment, the TOML file and explicit ``overrides``.
+
+    ``overrides`` (e.g. from CLI options) win over everything else; ``None`` values are ignored.
+
+    Raises:
+        ConfigError: a value does not parse or is out of range, or the TOML file is unreadable
+            or holds an unknown key.
+    """
+    env = os.environ if environ is None else environ
+    kinds = _field_types()
+    values: dict[str, Any] = {}
+
+    config_raw = env.get(env_var("config")) or None
+    config_path = Path(config_raw).expanduser() if config_raw else None
+    if config_path is None and DEFAULT_CONFIG_PATH.is_file():
+        config_path = DEFAULT_CONFIG_PATH
+    if config_path is not None:
+        table = _read_toml(config_path)
+        unknown = sorted(set(table) - set(kinds) - {"config"})
+        if unknown:
+            raise ConfigError(
+                f"{config_path}: unknown setting(s) {', '.join(unknown)}; "
+                "see docs/configuration.md for the valid names"
+            )
+        for name, raw in table.items():
+            if name != "config":
+                values[name] = _convert(name, raw, kinds[name], str(config_path), config_path.parent)
+        values["config"] = config_path
+
+    for name, kind in kinds.items():
+        if name == "config":
+            continue
+        raw = env.get(env_var(name))
+        if raw is not None and raw.strip() != "":
+            values[name] = _convert(name, raw.strip(), kind, env_var(name), None)
+
+    for name, raw in overrides.items():
+        if name not in kinds:
+            raise TypeError(f"unknown setting {name!r}")
+        if raw is not None:
+            values[name] = _convert(name, raw, kinds[name], "an option", None)
+
+    return Settings(**values)
