@@ -1,0 +1,68 @@
+"""Shared fixtures: checksum-verified real slides and cached synthetic slides."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+
+def _expected_checksums() -> dict[str, str]:
+    table = (DATA / "SOURCES.md").read_text(encoding="utf-8")
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| (\S+) \|.*\| ([0-9a-f]{64}) \|$", table, re.M)}
+
+
+@pytest.fixture(scope="session")
+def fixture_slide() -> Callable[[str], Path]:
+    """Path of a real test slide from tests/data, its sha256 checked against SOURCES.md."""
+    expected = _expected_checksums()
+    verified: set[str] = set()
+
+    def get(name: str) -> Path:
+        path = DATA / name
+        if name not in verified:
+            assert name in expected, f"{name} is not listed in tests/data/SOURCES.md"
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            assert digest == expected[name], f"{name}: checksum mismatch, the test data is damaged"
+            verified.add(name)
+        return path
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Write (once per session and parameter set) a synthetic pyramidal SVS."""
+    from omero_hwsi.synthetic import write_svs
+
+    cache: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("synthetic")
+
+    def make(**kwargs: object) -> Path:
+        key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        if key not in cache:
+            path = root / f"slide-{len(cache)}.svs"
+            write_svs(path, **kwargs)  # type: ignore[arg-type]
+            cache[key] = path
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HWSI_* settings pointing into tmp_path, nothing read from the host's config."""
+    for var in list(os.environ):
+        if var.startswith("HWSI_"):
+            monkeypatch.delenv(var)
+    data = tmp_path / "hwsi-data"
+    monkeypatch.setenv("HWSI_DATA_DIR", str(data))
+    monkeypatch.setenv("HWSI_CONFIG", str(tmp_path / "none.toml"))
+    (tmp_path / "none.toml").write_text("")
+    return data
