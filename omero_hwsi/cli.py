@@ -1,0 +1,251 @@
+"""The ``hwsi`` command line (typer + rich).
+
+Results (paths, JSON) go to stdout, logs and progress bars to stderr. Errors users can cause
+print one red line and exit with their class's code (2 input, 3 missing resource, 4 service,
+5 job); anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from omero_hwsi import __version__
+from omero_hwsi._types import ProgressFn
+from omero_hwsi.errors import HwsiError, SlideOpenError
+from omero_hwsi.settings import Settings, load_settings
+
+app = typer.Typer(
+    name="hwsi",
+    help="Hierarchical MLLM analysis of whole-slide images (research use only).",
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+stderr = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+MppOption = Annotated[
+    float | None,
+    typer.Option("--mpp", help="Microns per pixel of level 0, overriding the slide metadata."),
+]
+
+
+def _handle_errors(func: F) -> F:
+    """Map :class:`HwsiError` to a red one-line message and its exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except HwsiError as err:
+            stderr.print(f"[red]error:[/red] {err}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(**overrides: Any) -> Settings:
+    settings = load_settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(message)s",
+        handlers=[RichHandler(console=stderr, show_path=False)],
+        force=True,
+    )
+    return settings
+
+
+@contextmanager
+def _progress_bar(description: str) -> Iterator[ProgressFn]:
+    """A rich progress bar on stderr, adapted to the stages' ``progress(stage, done, total)``."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=False) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"{description} {stage}", total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _check_mpp(mpp: float | None) -> None:
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        from omero_hwsi.errors import MppError
+
+        raise MppError(f"--mpp must be a positive number of microns per pixel, got {mpp}")
+
+
+@app.command()
+@_handle_errors
+def info(
+    slide: Annotated[Path, typer.Argument(help="Slide file.")],
+    mpp: MppOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Describe a slide: size, pyramid levels, vendor, objective power and MPP."""
+    from omero_hwsi.slide.local import open_slide
+
+    settings = _settings()
+    _check_mpp(mpp)
+    with open_slide(slide, mpp=mpp, mpp_tolerance=settings.mpp_tolerance) as reader:
+        data = reader.info.to_dict()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    typer.echo(f"{data['name']}: {data['width']} x {data['height']} px, "
+               f"{data['mpp']:.4g} um/px ({data['mpp_source']}), backend {data['backend']}")
+    typer.echo(f"vendor: {data['vendor'] or 'unknown'}; objective power: "
+               f"{data['objective_power'] if data['objective_power'] is not None else 'unknown'}")
+    for level, ((w, h), ds, lmpp) in enumerate(
+        zip(data["level_dimensions"], data["level_downsamples"], data["level_mpp"], strict=True)
+    ):
+        typer.echo(f"  level {level}: {w} x {h} px, downsample {ds:.4g}, {lmpp:.4g} um/px")
+
+
+def _grid(settings: Settings) -> Any:
+    from omero_hwsi.slide.grid import GridSpec
+
+    return GridSpec(target_mpp=settings.target_mpp, region_px=settings.region_px,
+                    patch_px=settings.patch_px, min_tissue_fraction=settings.min_tissue_fraction)
+
+
+def _config(settings: Settings, workers: int | None) -> Any:
+    from omero_hwsi.features.extract import ExtractionConfig
+
+    return ExtractionConfig(
+        n_candidates=settings.candidates_per_region, k=settings.patches_per_region,
+        workers=settings.extract_workers if workers is None else workers,
+    )
+
+
+def _expand(slides: list[Path]) -> list[tuple[Path, bool]]:
+    """Files as given (explicit) and the regular files inside given folders (from_folder)."""
+    out: list[tuple[Path, bool]] = []
+    for path in slides:
+        if path.is_dir():
+            out += [(p, True) for p in sorted(path.iterdir())
+                    if p.is_file() and not p.name.startswith(".")]
+        else:
+            out.append((path, False))
+    return out
+
+
+WorkersOption = Annotated[
+    int | None,
+    typer.Option("--workers", min=0, help="Extraction worker processes (0 = in-process)."),
+]
+
+
+@app.command()
+@_handle_errors
+def extract(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files or folders of slides.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Feature-store root "
+                                             "(default: HWSI_FEATURE_DIR).")] = None,
+    mpp: MppOption = None,
+    workers: WorkersOption = None,
+) -> None:
+    """Extract hierarchical features of slides into resumable feature stores.
+
+    Prints one store path per slide on stdout. Finished stores are reused; interrupted ones
+    resume where they stopped.
+    """
+    from omero_hwsi.features.extract import extract_slide
+
+    settings = _settings()
+    _check_mpp(mpp)
+    root = out or settings.features_path
+    failures: list[HwsiError] = []
+    for path, from_folder in _expand(slides):
+        try:
+            with _progress_bar(path.name) as progress:
+                result = extract_slide(
+                    path, root, grid=_grid(settings), config=_config(settings, workers), mpp=mpp,
+                    mpp_tolerance=settings.mpp_tolerance, progress=progress,
+                )
+        except SlideOpenError as err:
+            if from_folder:
+                logging.getLogger(__name__).info("skipping %s: %s", path, err)
+                continue
+            failures.append(err)
+            stderr.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            continue
+        except HwsiError as err:
+            failures.append(err)
+            stderr.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            continue
+        note = "already complete" if result.already_complete else (
+            f"{result.regions} region(s), {result.patches} patch(es), {result.nuclei} nuclei, "
+            f"{result.seconds:.1f} s" + (f", resumed after {result.regions_resumed}"
+                                          if result.regions_resumed else ""))
+        stderr.print(f"{path.name}: {note}", highlight=False)
+        typer.echo(str(result.path))
+    if failures:
+        raise typer.Exit(failures[0].exit_code)
+
+
+@app.command()
+@_handle_errors
+def tiles(
+    slide: Annotated[Path, typer.Argument(help="Slide file.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the GeoJSON files and picture.")],
+    mpp: MppOption = None,
+    workers: WorkersOption = None,
+) -> None:
+    """Write tissue, regions, patches and nuclei as QuPath GeoJSON, plus an overview picture.
+
+    Features are extracted (or reused) in HWSI_FEATURE_DIR; nuclei are those of the selected
+    patches. Geometry is clipped to the slide; padded boxes are kept in a ``box`` property.
+    """
+    from omero_hwsi.features.extract import extract_slide
+    from omero_hwsi.features.store import load_features
+    from omero_hwsi.results.tiles import write_tiles
+    from omero_hwsi.slide.local import open_slide
+    from omero_hwsi.slide.reader import plan_for, read_thumbnail
+
+    settings = _settings()
+    _check_mpp(mpp)
+    with _progress_bar(slide.name) as progress:
+        result = extract_slide(
+            slide, settings.features_path, grid=_grid(settings), config=_config(settings, workers),
+            mpp=mpp, mpp_tolerance=settings.mpp_tolerance, progress=progress,
+        )
+    features = load_features(result.path)
+    with open_slide(slide, mpp=mpp, mpp_tolerance=settings.mpp_tolerance) as reader:
+        width, height = reader.dimensions
+        thumb_mpp = max(reader.mpp, 2.0, max(width, height) * reader.mpp / 2048)
+        picture = read_thumbnail(reader, thumb_mpp)
+        level0_per_px = plan_for(reader, thumb_mpp).level0_per_px
+    for path in write_tiles(features, out, picture, level0_per_px):
+        typer.echo(str(path))
+
+
+@app.command()
+def version() -> None:
+    """Print the omero-hwsi version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

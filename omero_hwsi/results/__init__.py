@@ -1,0 +1,1 @@
+"""Result files: QuPath-ready GeoJSON, pictures and (later) reports. Never talks to servers."""
