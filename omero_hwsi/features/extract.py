@@ -151,7 +151,7 @@ class _Worker:
         return out
 
     def process(self, task: _RegionTask) -> RegionRecord:
-        pps, px = self.job.patches_per_side, self.job.patch_px
+        pps = self.job.patches_per_side
         patches = self.read_patches(task)
         order = np.array(sorted(patches), dtype=np.int64)
         features = np.zeros((pps * pps, self.patch_encoder.dim), dtype=np.float32)
@@ -190,7 +190,9 @@ class _Worker:
         """Nuclei of every candidate patch, mapped to level-0 px, rows in (patch, k) order."""
         dim = len(self.segmenter.descriptor_names) if self.segmenter else 0
         patch_ids: list[npt.NDArray[np.int16]] = []
-        centroids, descriptors, polygons = [], [], []
+        centroids: list[npt.NDArray[np.float64]] = []
+        descriptors: list[npt.NDArray[np.float32]] = []
+        polygons: list[npt.NDArray[np.float64]] = []
         if self.segmenter is not None:
             for j in candidates:
                 x, y, w, _ = task.patch_boxes[j]
@@ -266,6 +268,11 @@ def _identity(
         "selection": {"n_candidates": config.n_candidates, "k": config.k},
         "restricted_to": None if restriction is None else restriction.wkt,
     }
+
+
+def _query_names(name: str) -> tuple[str, ...]:
+    encoder: Any = create_encoder(name)
+    return tuple(encoder.query_bank()[0])
 
 
 def _describe(name: str) -> dict[str, Any]:
@@ -357,7 +364,7 @@ def extract_slide(
                 store.discard()
             raise
         if resumed:
-            nuclei = _count_nuclei(store.path)
+            nuclei = store.nucleus_count()
         region_vectors = store.region_features()
         wsi = region_vectors.mean(axis=0).astype(np.float32)
         seconds = time.perf_counter() - started
@@ -374,7 +381,7 @@ def extract_slide(
             "encoders": encoders,
             "selection": {"n_candidates": config.n_candidates, "k": config.k,
                           "rule": "diversity (farthest point, cosine) then relevance to the encoder's query bank",
-                          "queries": list(create_encoder(config.patch_encoder).query_bank()[0])},
+                          "queries": list(_query_names(config.patch_encoder))},
             "counts": {"regions": hierarchy.n_regions, "patches": hierarchy.n_valid_patches,
                        "nuclei": nuclei},
             "timings": {"seconds": round(seconds, 3), "regions_resumed": resumed},
@@ -383,13 +390,6 @@ def extract_slide(
     logger.info("%s: features in %s (%.1f s)", slide_path.name, store.path, seconds)
     return ExtractionResult(store.path, key, slide_path.name, False, hierarchy.n_regions, resumed,
                             hierarchy.n_valid_patches, nuclei, seconds)
-
-
-def _count_nuclei(path: Path) -> int:
-    import zarr
-
-    group = zarr.open_group(path, mode="r")
-    return sum(int(g["patch"].shape[0]) for _, g in group["nuclei"].groups())
 
 
 def _run_tasks(job: _SlideJob, tasks: list[_RegionTask], workers: int) -> Iterator[RegionRecord]:

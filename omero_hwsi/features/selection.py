@@ -73,7 +73,7 @@ def _as_matrix(x: FloatArray, name: str) -> npt.NDArray[np.float64]:
 def _unit_rows(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Rows scaled to unit length; zero rows stay zero, so their cosine with anything is 0."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    return np.asarray(np.divide(x, norms, out=np.zeros_like(x), where=norms > 0), dtype=np.float64)
 
 
 def _check_positive(value: int, name: str) -> int:
@@ -160,7 +160,7 @@ def relevance_scores(embeddings: FloatArray, queries: FloatArray) -> FloatArray:
     if x.shape[0] == 0:
         return _EMPTY_FLOAT.copy()
     scores = (_unit_rows(x) @ _unit_rows(q).T).max(axis=1)
-    return np.clip(scores, -1.0, 1.0).astype(np.float32)
+    return np.asarray(np.clip(scores, -1.0, 1.0), dtype=np.float32)
 
 
 def select_patches(

@@ -65,6 +65,21 @@ MANIFEST = "manifest.json"
 TISSUE = "tissue.geojson"
 
 
+def _array(group: Any, name: str) -> Any:
+    """The zarr array ``name`` of ``group`` (zarr types a lookup as "array or group")."""
+    import zarr
+
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise FeatureStoreError(f"{name}: expected an array in the feature store, found a group")
+    return node
+
+
+def _read(group: Any, name: str, dtype: Any = None) -> npt.NDArray[Any]:
+    """All of array ``name`` as numpy (optionally cast)."""
+    return np.asarray(_array(group, name)[...], dtype=dtype)
+
+
 def store_key(identity: dict[str, Any]) -> str:
     """SHA-256 (hex) of a JSON identity; the store's folder name is its first 24 digits."""
     payload = json.dumps({"schema_version": SCHEMA_VERSION, **identity}, sort_keys=True)
@@ -184,13 +199,13 @@ class FeatureStore:
         if (self.path / "zarr.json").is_file():
             group = zarr.open_group(self.path, mode="r")
             stored_key = group.attrs.get("key")
-            index = group["regions/index"][:]
+            index = _read(group, "regions/index")
             if stored_key != self.key or not np.array_equal(index, hierarchy.region_index):
                 raise FeatureStoreError(
                     f"{self.path}: holds a different feature store (key {stored_key}); "
                     "remove the folder to extract again"
                 )
-            done = np.asarray(group["regions/done"][:], dtype=bool)
+            done = _read(group, "regions/done", bool)
             logger.info("%s: resuming, %d of %d region(s) done", self.path, done.sum(), done.size)
             return done
 
@@ -231,19 +246,17 @@ class FeatureStore:
 
         group = zarr.open_group(self.path, mode="r+")
         r = record.position
-        group["patches/features"][r] = record.patch_features
-        group["regions/features"][r] = record.region_features
-        n_cand = group["selection/candidates"].shape[1]
-        cand = np.full(n_cand, -1, dtype=np.int16)
-        cand[: record.candidates.size] = record.candidates
-        rel = np.zeros(n_cand, dtype=np.float32)
-        rel[: record.relevance.size] = record.relevance
-        group["selection/candidates"][r] = cand
-        group["selection/relevance"][r] = rel
-        n_sel = group["selection/selected"].shape[1]
-        sel = np.full(n_sel, -1, dtype=np.int16)
-        sel[: record.selected.size] = record.selected
-        group["selection/selected"][r] = sel
+        _array(group, "patches/features")[r] = record.patch_features
+        _array(group, "regions/features")[r] = record.region_features
+        for name, values, fill in (
+            ("selection/candidates", record.candidates, -1),
+            ("selection/relevance", record.relevance, 0),
+            ("selection/selected", record.selected, -1),
+        ):
+            target = _array(group, name)
+            row = np.full(target.shape[1], fill, dtype=target.dtype)
+            row[: values.size] = values
+            target[r] = row
         nuclei = group.require_group(f"nuclei/{region_hid(region_index)}")
         for name, data in (
             ("patch", record.nucleus_patch),
@@ -257,7 +270,7 @@ class FeatureStore:
                                       overwrite=True)
             if data.size:
                 arr[...] = data
-        group["regions/done"][r] = True
+        _array(group, "regions/done")[r] = True
 
     def finish(self, manifest: dict[str, Any], wsi_features: npt.NDArray[np.float32]) -> None:
         """Write the slide vector, then the manifest (atomically): the store is complete."""
@@ -273,7 +286,19 @@ class FeatureStore:
         """All region vectors written so far (for the slide vector at the end)."""
         import zarr
 
-        return np.asarray(zarr.open_group(self.path, mode="r")["regions/features"][:])
+        return _read(zarr.open_group(self.path, mode="r"), "regions/features", np.float32)
+
+    def nucleus_count(self) -> int:
+        """Nuclei committed so far, over all regions."""
+        import zarr
+
+        group = zarr.open_group(self.path, mode="r")
+        index = _read(group, "regions/index")
+        done = _read(group, "regions/done", bool)
+        return sum(
+            int(_array(group, f"nuclei/{region_hid(int(i))}/patch").shape[0])
+            for i, d in zip(index, done, strict=True) if d
+        )
 
     def discard(self) -> None:
         """Remove a store that never committed a region (nothing worth resuming)."""
@@ -300,22 +325,22 @@ def load_features(path: str | Path) -> SlideFeatures:
             f"{SCHEMA_VERSION}; extract again"
         )
     group = zarr.open_group(root, mode="r")
-    index = np.asarray(group["regions/index"][:], dtype=np.int64)
+    index = _read(group, "regions/index", np.int64)
     parts: dict[str, list[npt.NDArray[Any]]] = {
         "region": [], "patch": [], "k": [], "centroid": [], "descriptor": [], "offsets": [], "xy": []
     }
     vertex_base = 0
     for pos, i in enumerate(index):
-        sub = group[f"nuclei/{region_hid(int(i))}"]
-        patch = np.asarray(sub["patch"][:], dtype=np.int16)
-        offsets = np.asarray(sub["polygon_offsets"][:], dtype=np.int64)
+        sub = f"nuclei/{region_hid(int(i))}"
+        patch = _read(group, f"{sub}/patch", np.int16)
+        offsets = _read(group, f"{sub}/polygon_offsets", np.int64)
         parts["region"].append(np.full(patch.shape, pos, dtype=np.int32))
         parts["patch"].append(patch)
         parts["k"].append(_rank_within(patch))
-        parts["centroid"].append(np.asarray(sub["centroid"][:], dtype=np.float64).reshape(-1, 2))
-        parts["descriptor"].append(np.asarray(sub["descriptor"][:], dtype=np.float32))
+        parts["centroid"].append(_read(group, f"{sub}/centroid", np.float64).reshape(-1, 2))
+        parts["descriptor"].append(_read(group, f"{sub}/descriptor", np.float32))
         parts["offsets"].append(offsets[:-1] + vertex_base)
-        parts["xy"].append(np.asarray(sub["polygon_xy"][:], dtype=np.float64).reshape(-1, 2))
+        parts["xy"].append(_read(group, f"{sub}/polygon_xy", np.float64).reshape(-1, 2))
         vertex_base += int(offsets[-1])
     dim = int(manifest["encoders"]["nucleus"]["dim"])
     count = sum(len(p) for p in parts["patch"])
@@ -334,18 +359,18 @@ def load_features(path: str | Path) -> SlideFeatures:
         provenance=manifest,
         tissue=shapely.make_valid(shape(tissue_doc["geometry"])),
         region_index=index,
-        region_boxes=np.asarray(group["regions/box"][:]),
-        region_tissue=np.asarray(group["regions/tissue_fraction"][:]),
-        region_features=np.asarray(group["regions/features"][:]),
-        patch_boxes=np.asarray(group["patches/box"][:]),
-        patch_tissue=np.asarray(group["patches/tissue_fraction"][:]),
-        patch_valid=np.asarray(group["patches/valid"][:], dtype=bool),
-        patch_features=np.asarray(group["patches/features"][:]),
-        candidates=np.asarray(group["selection/candidates"][:]),
-        relevance=np.asarray(group["selection/relevance"][:]),
-        selected=np.asarray(group["selection/selected"][:]),
+        region_boxes=_read(group, "regions/box"),
+        region_tissue=_read(group, "regions/tissue_fraction"),
+        region_features=_read(group, "regions/features"),
+        patch_boxes=_read(group, "patches/box"),
+        patch_tissue=_read(group, "patches/tissue_fraction"),
+        patch_valid=_read(group, "patches/valid", bool),
+        patch_features=_read(group, "patches/features"),
+        candidates=_read(group, "selection/candidates"),
+        relevance=_read(group, "selection/relevance"),
+        selected=_read(group, "selection/selected"),
         nuclei=nuclei,
-        wsi_features=np.asarray(group["wsi/features"][:]),
+        wsi_features=_read(group, "wsi/features"),
     )
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -70,7 +71,7 @@ def _box_props(b: np.ndarray) -> dict[str, list[float]]:
     return {"box": [round(float(v), 3) for v in b]}
 
 
-def _regions(features: SlideFeatures, size: tuple[float, float], sha: str) -> list[dict | None]:
+def _regions(features: SlideFeatures, size: tuple[float, float], sha: str) -> list[dict[str, Any] | None]:
     out = []
     for r, i in enumerate(features.region_index):
         x, y, w, h = features.region_boxes[r]
@@ -85,13 +86,12 @@ def _regions(features: SlideFeatures, size: tuple[float, float], sha: str) -> li
     return out
 
 
-def _patches(features: SlideFeatures, size: tuple[float, float], sha: str) -> list[dict | None]:
+def _patches(features: SlideFeatures, size: tuple[float, float], sha: str) -> list[dict[str, Any] | None]:
     out = []
     for r, i in enumerate(features.region_index):
         rank = {int(j): n for n, j in enumerate(features.selected[r]) if j >= 0}
         cand = {int(j): n for n, j in enumerate(features.candidates[r]) if j >= 0}
-        for j in np.flatnonzero(features.patch_valid[r]):
-            j = int(j)
+        for j in (int(v) for v in np.flatnonzero(features.patch_valid[r])):
             x, y, w, h = features.patch_boxes[r, j]
             hid = patch_hid(int(i), j)
             cls = "Selected patch" if j in rank else "Candidate patch" if j in cand else "Patch"
@@ -109,7 +109,7 @@ def _patches(features: SlideFeatures, size: tuple[float, float], sha: str) -> li
     return out
 
 
-def _nuclei(features: SlideFeatures, size: tuple[float, float], sha: str) -> list[dict | None]:
+def _nuclei(features: SlideFeatures, size: tuple[float, float], sha: str) -> list[dict[str, Any] | None]:
     table = features.nuclei
     names = features.provenance["encoders"]["nucleus"]["descriptor_names"]
     selected = {(int(r), int(j)) for r in range(len(features.region_index))

@@ -102,5 +102,6 @@ def coverage_raster(
 def block_mean(raster: npt.NDArray[np.float32], block: int) -> npt.NDArray[np.float32]:
     """Mean over non-overlapping ``block x block`` cells (the raster must tile exactly)."""
     rows, cols = raster.shape[0] // block, raster.shape[1] // block
-    return raster[: rows * block, : cols * block].reshape(rows, block, cols, block).mean(axis=(1, 3))
+    blocks = raster[: rows * block, : cols * block].reshape(rows, block, cols, block)
+    return np.asarray(blocks.mean(axis=(1, 3)), dtype=np.float32)
 

@@ -231,9 +231,9 @@ def restrict_to(hierarchy: Hierarchy, geometry: BaseGeometry) -> Hierarchy:
     )
     shapely.prepare(geometry)
     overlap = shapely.intersects(geometry, geoms) & ~shapely.touches(geometry, geoms)
-    valid = np.zeros(boxes.shape[0], dtype=bool)
-    valid[candidates[overlap]] = True
-    valid = valid.reshape(hierarchy.patch_valid.shape)
+    flat_valid = np.zeros(boxes.shape[0], dtype=bool)
+    flat_valid[candidates[overlap]] = True
+    valid = flat_valid.reshape(hierarchy.patch_valid.shape)
     keep = np.flatnonzero(valid.any(axis=1))
     if keep.size == 0:
         raise NoTissueError(f"{name}: no tissue patch overlaps the given regions")

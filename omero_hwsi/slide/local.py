@@ -231,7 +231,7 @@ def _decode(
     location = (int(round(x * downsample)), int(round(y * downsample)))
     if backend == "openslide":
         rgba = np.asarray(handle.read_region(location, level, (w, h)))
-        rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)  # a fast contiguous copy
+        rgb: RGBArray = np.asarray(cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB), dtype=np.uint8)
         transparent = rgba[..., 3] == 0
         if transparent.any():
             rgb[transparent] = BACKGROUND_RGB
@@ -239,7 +239,7 @@ def _decode(
     arr = np.asarray(handle.read_region(location, level, (w, h), as_array=True))
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
-    return np.ascontiguousarray(arr[..., :3].astype(np.uint8, copy=False))
+    return np.ascontiguousarray(arr[..., :3], dtype=np.uint8)
 
 
 def open_slide(

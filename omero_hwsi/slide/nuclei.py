@@ -533,7 +533,7 @@ class ClassicalNucleusSegmenter:
         # 4-neighbour flooding gives straight cuts between nuclei (8-neighbour flooding leaves
         # them ragged, which spoils the shape descriptors). A pixel joined to its component
         # only diagonally stays unflooded (label 0) and simply belongs to no nucleus.
-        ws = watershed(-dist[box], markers[box], mask=split_mask[box], connectivity=1)
+        ws = watershed(-dist[box], markers[box], mask=split_mask[box], connectivity=1)  # type: ignore[no-untyped-call]
         labels = components.copy()
         labels[box][split_mask[box]] = ws[split_mask[box]]
         return labels, split_mask

@@ -91,7 +91,7 @@ def _drop_small(
         x, y, bw, bh, area = stats[label]
         touches = x == 0 or y == 0 or x + bw == w or y + bh == h
         keep[label] = area >= min_px or (keep_border and touches)
-    return keep[labels]
+    return np.asarray(keep[labels], dtype=bool)
 
 
 def mask_to_geometry(mask: npt.NDArray[np.bool_], level0_per_px: float) -> BaseGeometry:

@@ -163,7 +163,7 @@ class _Waves:
         ay = self.ky[:, None] * ys[None, :]
         right = np.concatenate([np.cos(ax), np.sin(ax)]).astype(np.float32)
         left = np.concatenate([np.cos(ay).T * amp, np.sin(ay).T * -amp], axis=1)
-        return np.einsum("ik,kj->ij", left.astype(np.float32), right)
+        return np.asarray(np.einsum("ik,kj->ij", left.astype(np.float32), right), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,7 +483,7 @@ class SyntheticTissue:
         alpha *= g[6]
         np.clip(alpha, 0.0, 1.0, out=alpha)
         alpha *= g[7]
-        return alpha
+        return np.asarray(alpha, dtype=np.float32)
 
 
 def _antialiased_ellipse(

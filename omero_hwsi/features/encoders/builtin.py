@@ -151,7 +151,7 @@ def _fraction_above(
     """Per-row fraction of values strictly above ``t``; ``mask`` is scratch of x's shape."""
     np.greater(x, t, out=mask)
     count = np.add.reduce(mask, axis=1, dtype=np.int64)
-    return (count / x.shape[1]).astype(np.float32)
+    return np.asarray(count / x.shape[1], dtype=np.float32)
 
 
 def _histogram(
@@ -483,7 +483,7 @@ def _render_patch(recipe: _Recipe, seed: int, size: int = 256) -> RGBArray:
     img = 256.0 * np.exp(-od) - 1.0
     img = ndimage.gaussian_filter(img, sigma=(0.6, 0.6, 0.0))
     img += recipe.noise * rng.standard_normal(img.shape)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(np.rint(img), 0, 255), dtype=np.uint8)
 
 
 _PROTOTYPES: Final[tuple[tuple[str, _Recipe], ...]] = (
@@ -759,11 +759,11 @@ def wsi_vector(region_vectors: FloatArray, weights: FloatArray | None = None) ->
     if not np.all(np.isfinite(vecs)):
         raise ValueError("region_vectors contain NaN or infinite values")
     if weights is None:
-        return vecs.mean(axis=0).astype(np.float32)
+        return np.asarray(vecs.mean(axis=0), dtype=np.float32)
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (vecs.shape[0],):
         raise ValueError(f"weights must have shape ({vecs.shape[0]},), got {w.shape}")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError("weights must be finite, non-negative and have a positive sum")
     # Elementwise rather than `w @ vecs`, so the result does not depend on BLAS threading.
-    return ((w[:, None] * vecs).sum(axis=0) / w.sum()).astype(np.float32)
+    return np.asarray((w[:, None] * vecs).sum(axis=0) / w.sum(), dtype=np.float32)
