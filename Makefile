@@ -36,10 +36,11 @@ services:
 demo: setup
 	rm -rf $(DEMO_OUT)
 	mkdir -p $(DEMO_OUT)
-	HWSI_DATA_DIR=$(CURDIR)/$(DEMO_OUT)/data $(VENV)/bin/hwsi info $(DEMO_SLIDE) | tee $(DEMO_OUT)/info.txt
-	HWSI_DATA_DIR=$(CURDIR)/$(DEMO_OUT)/data $(VENV)/bin/hwsi tiles $(DEMO_SLIDE) --out $(DEMO_OUT)/tiles
-	HWSI_DATA_DIR=$(CURDIR)/$(DEMO_OUT)/data $(VENV)/bin/hwsi extract $(DEMO_SLIDE) --out $(DEMO_OUT)/features
-	@echo "demo output in $(DEMO_OUT)/ (open $(DEMO_OUT)/tiles/thumbnail.png; drag the .geojson files onto the slide in QuPath)"
+	$(VENV)/bin/hwsi info $(DEMO_SLIDE) | tee $(DEMO_OUT)/info.txt
+	$(VENV)/bin/hwsi extract $(DEMO_SLIDE) --out $(DEMO_OUT)/features
+	HWSI_FEATURE_DIR=$(CURDIR)/$(DEMO_OUT)/features $(VENV)/bin/hwsi tiles $(DEMO_SLIDE) --out $(DEMO_OUT)/tiles
+	@echo "demo output in $(DEMO_OUT)/: features/ (the feature store), tiles/ (open thumbnail.png;"
+	@echo "drag the .geojson files onto $(DEMO_SLIDE) in QuPath)"
 
 test: setup services
 	$(PY) -m pytest $(PYTEST_ARGS)
