@@ -1,0 +1,48 @@
+"""Tiny, local-only building blocks for model tests: a BPE tokenizer and small configs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# The assistant turn starts differently from the generation prompt: not prefix-stable.
+UNSTABLE_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "You are a pathology assistant. Answer from the slide shown.",
+    "You are an expert histopathology assistant.",
+    "Is there invasive carcinoma in this slide?",
+    "Yes, the tumour shows necrosis and many mitoses.",
+    "Describe the tissue.",
+]
+
+
+def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in memory: encodes any text, so decode round-trips."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, show_progress=False,
+        special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   unk_token="<unk>", chat_template=chat_template)
+
+
+def tiny_text_config(family: str = "llama", *, vocab_size: int = 512, tied: bool = False) -> dict[str, Any]:
+    """A 2-layer, 64-wide causal LM config of a given family (no weights downloaded)."""
+    return {"model_type": family, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+            "vocab_size": vocab_size, "max_position_embeddings": 2048,
+            "tie_word_embeddings": tied}
