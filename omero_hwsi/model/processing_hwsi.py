@@ -36,11 +36,13 @@ import torch
 from omero_hwsi._io import write_json_atomic
 from omero_hwsi.errors import CheckpointMismatchError, ModelFileNotFoundError
 from omero_hwsi.model.budget import concat_token_count
+from omero_hwsi.model.configuration_hwsi import CellFusion, FusionMode, PromptLayout
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from omero_hwsi.features.store import SlideFeatures
+    from omero_hwsi.model.configuration_hwsi import HwsiConfig
 
 __all__ = [
     "HWSI_SYSTEM_PROMPT",
@@ -76,9 +78,6 @@ HWSI_SYSTEM_PROMPT = "You are a pathology assistant. Answer from the slide shown
 
 PROCESSOR_CONFIG = "processor_config.json"
 
-PromptLayout = Literal["hwsi", "released"]
-CellFusion = Literal["ccaf", "precomputed"]
-FusionMode = Literal["concat", "resampler"]
 
 # Leading hierarchy axes (R, C, N) of each visual input, for padding in collate_visual.
 _AXES: dict[str, int] = {
@@ -574,6 +573,17 @@ class HwsiProcessor:
             "visual_end_token": self.visual_end_token,
             "visual_token": self.visual_token,
         }
+
+    @classmethod
+    def for_config(cls, tokenizer: PreTrainedTokenizerBase, config: HwsiConfig) -> HwsiProcessor:
+        """A processor whose layout, fusion mode, query count and budget are the model's.
+
+        Building it from the config is what keeps the placeholder count equal to the number of
+        visual tokens the model makes.
+        """
+        return cls(tokenizer, prompt_layout=config.prompt_layout,  # type: ignore[arg-type]
+                   fusion_mode=config.fusion_mode,  # type: ignore[arg-type]
+                   num_queries=config.num_queries, token_budget=config.token_budget)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write the tokenizer (with its chat template and markers) and ``processor_config.json``."""

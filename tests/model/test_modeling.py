@@ -47,6 +47,16 @@ def make(family: str = "llama", *, fusion: str = "concat", layout: str = "hwsi",
     return HwsiForConditionalGeneration(config).eval(), processor
 
 
+def test_processor_built_from_the_config_matches_the_model(cmu_visual):
+    _, visual = cmu_visual
+    model, _ = make(fusion="resampler", layout="released")
+    processor = HwsiProcessor.for_config(tiny_tokenizer(), model.config)
+    assert (processor.prompt_layout, processor.fusion_mode, processor.num_queries) == (
+        "released", "resampler", 8)
+    assert torch.isfinite(model(**processor(["Is there tumour?"], collate_visual([visual]),
+                                            ["Yes."])).loss)
+
+
 def batch(processor, visual, questions, answers=None, **kwargs):
     return processor(questions, collate_visual([visual] * len(questions)), answers, **kwargs)
 
