@@ -65,6 +65,11 @@ class HwsiVisualOutput(ModelOutput):
         token_refs: ``(B, T, 3)`` int64: (scale code, region position r, patch slot c);
             -1 where not applicable. Resampler tokens are ``(4, -1, q)``: a query mixes
             every region, so its evidence comes from occlusion, not from the token itself.
+        wsi_token, region_tokens, patch_tokens, cell_tokens: the projected per-scale tokens
+            ``(B, D)``, ``(B, R, D)`` (before the region position encoding), ``(B, R, C, D)``,
+            ``(B, R, C, D)``; padded slots are 0. Training losses (consistency) use them.
+        cell_token_mask: ``(B, R, C)`` patches with a cell token (an empty patch has the
+            learned "no cells" token); has_cells: ``(B, R, C)`` patches with >= 1 nucleus.
         cell_attention: ``(B, R, C, N)`` CCAF CLS->cell attention (when requested).
         region_attention: ``(B, Q, R)`` resampler query->region attention (when requested).
     """
@@ -72,6 +77,12 @@ class HwsiVisualOutput(ModelOutput):
     visual_tokens: Tensor | None = None
     visual_mask: Tensor | None = None
     token_refs: Tensor | None = None
+    wsi_token: Tensor | None = None
+    region_tokens: Tensor | None = None
+    patch_tokens: Tensor | None = None
+    cell_tokens: Tensor | None = None
+    cell_token_mask: Tensor | None = None
+    has_cells: Tensor | None = None
     cell_attention: Tensor | None = None
     region_attention: Tensor | None = None
 
@@ -187,10 +198,12 @@ class HwsiModel(HwsiPreTrainedModel):
         if self.ccaf is None:
             if cell.dim() != 4:
                 raise ValueError(f"precomputed cell fusion expects cell (B, R, C, D), got {tuple(cell.shape)}")
-            return cell, cell_mask & patch_mask, None
+            present = cell_mask & patch_mask
+            return _zero_padding(cell, present), present, None
         if cell.dim() != 5:
             raise ValueError(f"ccaf cell fusion expects cell (B, R, C, N, D), got {tuple(cell.shape)}")
         b, r, c, n, _ = cell.shape
+        cell = _zero_padding(cell, cell_mask & patch_mask[..., None])
         x = self.cell_input(cell) if self.cell_input is not None else cell
         real = patch_mask.reshape(-1)
         out = x.new_zeros(b * r * c, x.shape[-1])
@@ -237,20 +250,30 @@ class HwsiModel(HwsiPreTrainedModel):
         """
         region_mask = region_mask.bool()
         patch_mask = patch_mask.bool() & region_mask[..., None]
+        # Padding may hold anything: zero it before any arithmetic, so neither values nor
+        # gradients can leak from padded slots into real ones.
+        region = _zero_padding(region, region_mask)
+        patch = _zero_padding(patch, patch_mask)
         cells, cell_token_mask, cell_attention = self.fuse_cells(
             cell, cell_mask.bool(), patch_mask, cell_pos, need_weights=output_attentions
         )
+        cells = _zero_padding(cells, cell_token_mask)
+        has_cells = patch_mask & (cell_mask.bool().any(-1) if cell.dim() == 5 else cell_token_mask)
         wsi_vec = wsi if wsi is not None else self.aggregate_wsi(region, region_mask)
         wsi_tok = self.projectors["wsi"](wsi_vec)
-        region_tok = self.projectors["region"](region)
+        region_tok = _zero_padding(self.projectors["region"](region), region_mask)
+        placed = region_tok
         if self.region_position is not None:
             if region_pos is None:
                 raise ValueError("region_position_encoding is 'fourier' but no region_pos was given")
-            region_tok = region_tok + self.region_position(region_pos)
-        patch_tok = self.projectors["patch"](patch) * patch_mask[..., None]
-        cell_tok = self.projectors["cell"](cells) * cell_token_mask[..., None]
+            placed = region_tok + self.region_position(_zero_padding(region_pos, region_mask))
+        patch_tok = _zero_padding(self.projectors["patch"](patch), patch_mask)
+        cell_tok = _zero_padding(self.projectors["cell"](cells), cell_token_mask)
+        scales = {"wsi_token": wsi_tok, "region_tokens": region_tok, "patch_tokens": patch_tok,
+                  "cell_tokens": cell_tok, "cell_token_mask": cell_token_mask,
+                  "has_cells": has_cells, "cell_attention": cell_attention}
         if self.resampler is not None and self.fusion is not None:
-            fused = self.fusion(wsi_tok, region_tok, patch_tok, patch_mask, cell_tok, cell_token_mask)
+            fused = self.fusion(wsi_tok, placed, patch_tok, patch_mask, cell_tok, cell_token_mask)
             tokens, region_attention = self.resampler(fused, region_mask, need_weights=output_attentions)
             b, q, _ = tokens.shape
             refs = torch.full((b, q, 3), -1, dtype=torch.long, device=tokens.device)
@@ -258,11 +281,10 @@ class HwsiModel(HwsiPreTrainedModel):
             refs[..., 2] = torch.arange(q, device=tokens.device)
             mask = torch.ones(b, q, dtype=torch.bool, device=tokens.device)
             return HwsiVisualOutput(visual_tokens=tokens, visual_mask=mask, token_refs=refs,
-                                    cell_attention=cell_attention, region_attention=region_attention)
-        tokens, mask, refs = self._concat(wsi_tok, region_tok, region_mask, patch_tok, patch_mask,
+                                    region_attention=region_attention, **scales)
+        tokens, mask, refs = self._concat(wsi_tok, placed, region_mask, patch_tok, patch_mask,
                                           cell_tok, cell_token_mask)
-        return HwsiVisualOutput(visual_tokens=tokens, visual_mask=mask, token_refs=refs,
-                                cell_attention=cell_attention)
+        return HwsiVisualOutput(visual_tokens=tokens, visual_mask=mask, token_refs=refs, **scales)
 
     def _concat(
         self, wsi_tok: Tensor, region_tok: Tensor, region_mask: Tensor, patch_tok: Tensor,
@@ -298,6 +320,11 @@ class HwsiModel(HwsiPreTrainedModel):
             refs[i, : reference.shape[0]] = reference
             mask[i, : sequence.shape[0]] = True
         return tokens, mask, refs
+
+
+def _zero_padding(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` with the slots where ``mask`` is False set to 0 (``mask`` lacks the last axis)."""
+    return torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _refs(code: int, regions: Tensor, slots: Tensor | None) -> Tensor:

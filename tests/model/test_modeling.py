@@ -225,3 +225,39 @@ def test_model_without_the_worker_extra_names_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'omero-hwsi[worker]'" in out.stdout
+
+
+def test_nan_in_padding_reaches_neither_outputs_nor_gradients(cmu_visual):
+    _, visual = cmu_visual
+    model, _ = make(fusion="resampler")
+    model.train()
+    inputs = collate_visual([visual])
+    for key, mask in (("patch", "patch_mask"), ("cell", "cell_mask")):
+        inputs[key][~inputs[mask]] = float("nan")
+    out = model.model(**inputs)
+    assert torch.isfinite(out.visual_tokens).all()
+    out.visual_tokens.square().mean().backward()
+    for name, param in model.model.named_parameters():
+        if param.grad is not None:
+            assert torch.isfinite(param.grad).all(), name
+
+
+def test_scale_tokens_feed_the_consistency_loss(cmu_visual):
+    from omero_hwsi.model.losses import consistency_loss
+
+    _, visual = cmu_visual
+    model, _ = make()
+    inputs = collate_visual([visual])
+    out = model.model(**inputs)
+    b, r, c = inputs["patch_mask"].shape
+    d = model.config.hidden_size
+    assert out.region_tokens.shape == (b, r, d) and out.wsi_token.shape == (b, d)
+    assert out.patch_tokens.shape == out.cell_tokens.shape == (b, r, c, d)
+    # Region tokens are exposed before the position encoding, so consistency does not erase it.
+    plain = model.model.projectors["region"](inputs["region"])
+    torch.testing.assert_close(out.region_tokens, plain)
+    assert (out.has_cells <= out.cell_token_mask).all()
+    loss = consistency_loss(out.region_tokens, out.patch_tokens, inputs["patch_mask"],
+                            out.cell_tokens, out.has_cells, inputs["region_mask"])
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
