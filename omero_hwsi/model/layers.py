@@ -53,6 +53,19 @@ def _check_mask(mask: Tensor, shape: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{what} has shape {tuple(mask.shape)}, expected {shape}")
 
 
+def _check_regions(x: Tensor, mask: Tensor, name: str, why: str) -> tuple[int, int]:
+    """Check ``x`` is ``(B, R, D)`` with a ``(B, R)`` mask and a real region per sample."""
+    if x.ndim != 3:
+        raise ValueError(f"{name} must be (B, R, D), got shape {tuple(x.shape)}")
+    b, r, _ = x.shape
+    _check_mask(mask, (b, r), "region mask")
+    empty = ~mask.any(dim=1)
+    if bool(empty.any()):
+        bad = empty.nonzero().flatten().tolist()
+        raise ValueError(f"samples {bad} have no real region: {why}")
+    return b, r
+
+
 def masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
     """Mean of ``x`` over axis ``dim``, counting only the real items.
 
@@ -489,16 +502,7 @@ class QueryResampler(nn.Module):
         Raises:
             ValueError: If a sample has no real region (attention would return NaN).
         """
-        if tokens.ndim != 3:
-            raise ValueError(f"tokens must be (B, R, D), got shape {tuple(tokens.shape)}")
-        b, r, _ = tokens.shape
-        _check_mask(mask, (b, r), "region mask")
-        empty = ~mask.any(dim=1)
-        if bool(empty.any()):
-            bad = empty.nonzero().flatten().tolist()
-            raise ValueError(
-                f"samples {bad} have no real region: nothing for the queries to attend to"
-            )
+        b, r = _check_regions(tokens, mask, "tokens", "nothing for the queries to attend to")
         # Replace padded tokens so NaN/inf padding cannot reach the output through 0 * NaN.
         tokens = torch.where(
             mask.unsqueeze(-1), tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device)
@@ -551,14 +555,7 @@ class AttentionPool(nn.Module):
         Raises:
             ValueError: If a sample has no real region.
         """
-        if x.ndim != 3:
-            raise ValueError(f"x must be (B, R, D), got shape {tuple(x.shape)}")
-        b, r, _ = x.shape
-        _check_mask(mask, (b, r), "region mask")
-        empty = ~mask.any(dim=1)
-        if bool(empty.any()):
-            bad = empty.nonzero().flatten().tolist()
-            raise ValueError(f"samples {bad} have no real region to pool")
+        b, r = _check_regions(x, mask, "x", "nothing to pool")
         keep = mask.unsqueeze(-1)
         x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
         logits = self.score(torch.tanh(self.value(x)) * torch.sigmoid(self.gate(x))).squeeze(-1)
