@@ -36,6 +36,7 @@ import torch
 from omero_hwsi._io import write_json_atomic
 from omero_hwsi.errors import CheckpointMismatchError, ModelFileNotFoundError
 from omero_hwsi.model.budget import concat_token_count
+from omero_hwsi.model.compat import check_features
 from omero_hwsi.model.configuration_hwsi import CellFusion, FusionMode, PromptLayout
 
 if TYPE_CHECKING:
@@ -104,7 +105,9 @@ def _slide_size(features: SlideFeatures) -> tuple[float, float]:
     return float((boxes[:, 0] + boxes[:, 2]).max()), float((boxes[:, 1] + boxes[:, 3]).max())
 
 
-def visual_inputs(features: SlideFeatures, *, max_cells: int = 64) -> dict[str, npt.NDArray[Any]]:
+def visual_inputs(
+    features: SlideFeatures, *, max_cells: int = 64, expected: dict[str, Any] | None = None
+) -> dict[str, npt.NDArray[Any]]:
     """One slide's visual model inputs, with per-nucleus cells (for CCAF fusion).
 
     Only the *selected* patches enter the model, in selection rank order (slot ``c`` of a
@@ -117,6 +120,8 @@ def visual_inputs(features: SlideFeatures, *, max_cells: int = 64) -> dict[str, 
     Args:
         features: a complete feature store, from :func:`~omero_hwsi.features.store.load_features`.
         max_cells: most nuclei kept per patch (>= 1).
+        expected: the model's ``config.expected_features``; a store made with other encoders
+            or grid is refused (see :func:`omero_hwsi.model.compat.check_features`).
 
     Returns:
         numpy arrays, no batch axis (see :func:`collate_visual`):
@@ -136,9 +141,11 @@ def visual_inputs(features: SlideFeatures, *, max_cells: int = 64) -> dict[str, 
 
     Raises:
         ValueError: ``max_cells`` is below 1.
+        FeatureStoreError: the store does not match ``expected``.
     """
     if max_cells < 1:
         raise ValueError(f"max_cells must be at least 1, got {max_cells}")
+    check_features(expected, features.provenance, store=str(features.path))
     n_regions = int(features.region_index.shape[0])
     selected = np.asarray(features.selected, dtype=np.int64).reshape(n_regions, -1)
     slots = selected.shape[1]
