@@ -53,6 +53,12 @@ def _check_mask(mask: Tensor, shape: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{what} has shape {tuple(mask.shape)}, expected {shape}")
 
 
+def _mlp_layers(dim: int, mlp_ratio: float, dropout: float) -> list[nn.Module]:
+    """Linear(dim, hidden) -> GELU -> Dropout -> Linear(hidden, dim), hidden = dim * ratio."""
+    hidden = max(1, int(dim * mlp_ratio))
+    return [nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)]
+
+
 def _check_regions(x: Tensor, mask: Tensor, name: str, why: str) -> tuple[int, int]:
     """Check ``x`` is ``(B, R, D)`` with a ``(B, R)`` mask and a real region per sample."""
     if x.ndim != 3:
@@ -210,17 +216,10 @@ class CcafBlock(nn.Module):
     ) -> None:
         super().__init__()
         _check_heads(dim, heads)
-        hidden = max(1, int(dim * mlp_ratio))
         self.norm1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, dim),
-            nn.Dropout(dropout),
-        )
+        self.mlp = nn.Sequential(*_mlp_layers(dim, mlp_ratio, dropout), nn.Dropout(dropout))
 
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None, *, need_weights: bool = False
@@ -472,18 +471,13 @@ class QueryResampler(nn.Module):
         _check_heads(dim, heads)
         if num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {num_queries}")
-        hidden = max(1, int(dim * mlp_ratio))
         self.queries = nn.Parameter(torch.zeros(1, num_queries, dim))
         nn.init.trunc_normal_(self.queries, std=0.02)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, dim),
-        )
+        # Exactly Linear, GELU, Dropout, Linear: the released `compressor.mlp.{0,3}` keys.
+        self.mlp = nn.Sequential(*_mlp_layers(dim, mlp_ratio, dropout))
 
     def forward(
         self, tokens: Tensor, mask: Tensor, *, need_weights: bool = False
