@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,13 +82,6 @@ def _progress_bar(description: str) -> Iterator[ProgressFn]:
         yield update
 
 
-def _check_mpp(mpp: float | None) -> None:
-    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        from omero_hwsi.errors import MppError
-
-        raise MppError(f"--mpp must be a positive number of microns per pixel, got {mpp}")
-
-
 @app.command()
 @_handle_errors
 def info(
@@ -101,7 +93,6 @@ def info(
     from omero_hwsi.slide.local import open_slide
 
     settings = _settings()
-    _check_mpp(mpp)
     with open_slide(slide, mpp=mpp, mpp_tolerance=settings.mpp_tolerance) as reader:
         data = reader.info.to_dict()
     if as_json:
@@ -168,7 +159,6 @@ def extract(
     from omero_hwsi.features.extract import extract_slide
 
     settings = _settings()
-    _check_mpp(mpp)
     root = out or settings.features_path
     failures: list[HwsiError] = []
     for path, from_folder in _expand(slides):
@@ -219,7 +209,6 @@ def tiles(
     from omero_hwsi.slide.reader import plan_for, read_thumbnail
 
     settings = _settings()
-    _check_mpp(mpp)
     with _progress_bar(slide.name) as progress:
         result = extract_slide(
             slide, settings.features_path, grid=_grid(settings), config=_config(settings, workers),
