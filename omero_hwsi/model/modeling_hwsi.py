@@ -48,6 +48,7 @@ __all__ = [
     "HwsiOutput",
     "HwsiPreTrainedModel",
     "HwsiVisualOutput",
+    "ScaleTokens",
     "VISUAL_PLACEHOLDER_ID",
 ]
 
@@ -85,6 +86,37 @@ class HwsiVisualOutput(ModelOutput):
     has_cells: Tensor | None = None
     cell_attention: Tensor | None = None
     region_attention: Tensor | None = None
+
+
+@dataclass
+class ScaleTokens:
+    """Per-scale tokens of a batch, projected but not yet fused or sequenced.
+
+    What :meth:`HwsiModel.encode_scales` computes once and :meth:`HwsiModel.assemble` turns
+    into visual tokens, possibly many times with elements masked (occlusion evidence).
+
+    Attributes:
+        region_features: ``(B, R, D_region)`` input region vectors, padding zeroed (the slide
+            vector is aggregated from them when ``wsi_features`` is None).
+        wsi_features: ``(B, D_wsi)`` an explicit slide vector, or None.
+        region_pos: ``(B, R, 2)`` region centres, or None without position encoding.
+        region_mask, patch_mask, cell_token_mask, has_cells: bool masks, True = real.
+        region_tokens, patch_tokens, cell_tokens: projected tokens ``(B, R, D)``,
+            ``(B, R, C, D)``, ``(B, R, C, D)``; region tokens without position.
+        cell_attention: ``(B, R, C, N)`` CCAF CLS->cell attention when requested.
+    """
+
+    region_features: Tensor
+    wsi_features: Tensor | None
+    region_pos: Tensor | None
+    region_mask: Tensor
+    patch_mask: Tensor
+    cell_token_mask: Tensor
+    has_cells: Tensor
+    region_tokens: Tensor
+    patch_tokens: Tensor
+    cell_tokens: Tensor
+    cell_attention: Tensor | None = None
 
 
 @dataclass
@@ -228,6 +260,111 @@ class HwsiModel(HwsiPreTrainedModel):
         pooled: Tensor = self.wsi_pool(region, region_mask)[0]
         return pooled
 
+    def encode_scales(
+        self,
+        region: Tensor,
+        region_mask: Tensor,
+        patch: Tensor,
+        patch_mask: Tensor,
+        cell: Tensor,
+        cell_mask: Tensor,
+        cell_pos: Tensor | None = None,
+        region_pos: Tensor | None = None,
+        wsi: Tensor | None = None,
+        *,
+        output_attentions: bool = False,
+    ) -> ScaleTokens:
+        """Project every scale to the LLM width; the expensive half of :meth:`forward`.
+
+        Evidence by occlusion calls this once and then :meth:`assemble` per masked variant,
+        so only what a masked element changes is recomputed.
+        """
+        region_mask = region_mask.bool()
+        patch_mask = patch_mask.bool() & region_mask[..., None]
+        # Padding may hold anything: zero it before any arithmetic, so neither values nor
+        # gradients can leak from padded slots into real ones.
+        region = _zero_padding(region, region_mask)
+        patch = _zero_padding(patch, patch_mask)
+        cells, cell_token_mask, cell_attention = self.fuse_cells(
+            cell, cell_mask.bool(), patch_mask, cell_pos, need_weights=output_attentions
+        )
+        cells = _zero_padding(cells, cell_token_mask)
+        has_cells = patch_mask & (cell_mask.bool().any(-1) if cell.dim() == 5 else cell_token_mask)
+        if self.region_position is not None and region_pos is None:
+            raise ValueError("region_position_encoding is 'fourier' but no region_pos was given")
+        return ScaleTokens(
+            region_features=region,
+            wsi_features=wsi,
+            region_pos=region_pos,
+            region_mask=region_mask,
+            patch_mask=patch_mask,
+            cell_token_mask=cell_token_mask,
+            has_cells=has_cells,
+            region_tokens=_zero_padding(self.projectors["region"](region), region_mask),
+            patch_tokens=_zero_padding(self.projectors["patch"](patch), patch_mask),
+            cell_tokens=_zero_padding(self.projectors["cell"](cells), cell_token_mask),
+            cell_attention=cell_attention,
+        )
+
+    def assemble(
+        self,
+        scales: ScaleTokens,
+        *,
+        region_mask: Tensor | None = None,
+        patch_mask: Tensor | None = None,
+        cell_tokens: Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> HwsiVisualOutput:
+        """Visual tokens from projected scales, optionally with elements masked out.
+
+        Args:
+            scales: from :meth:`encode_scales`; its batch axis may be broadcast (size 1)
+                against the masks given here, which is how occlusion variants are batched.
+            region_mask: ``(B, R)`` regions to keep (default: the scales' own). Dropping a
+                region drops its patches and cells and, unless an explicit slide vector was
+                given, changes the slide vector aggregated from the regions.
+            patch_mask: ``(B, R, C)`` patches to keep; dropping a patch drops its cell token.
+            cell_tokens: ``(B, R, C, D)`` replacement cell tokens (a patch re-fused without
+                one nucleus).
+        """
+        region_mask = scales.region_mask if region_mask is None else region_mask & scales.region_mask
+        patch_mask = scales.patch_mask if patch_mask is None else patch_mask & scales.patch_mask
+        patch_mask = patch_mask & region_mask[..., None]
+        cell_token_mask = scales.cell_token_mask & patch_mask
+        b = region_mask.shape[0]
+        region_features = scales.region_features.expand(b, -1, -1)
+        if scales.wsi_features is not None:
+            wsi_vec = scales.wsi_features.expand(b, -1)
+        else:
+            wsi_vec = self.aggregate_wsi(region_features, region_mask)
+        wsi_tok = self.projectors["wsi"](wsi_vec)
+        region_tok = _zero_padding(scales.region_tokens.expand(b, -1, -1), region_mask)
+        patch_tok = _zero_padding(scales.patch_tokens.expand(b, -1, -1, -1), patch_mask)
+        cells = scales.cell_tokens if cell_tokens is None else cell_tokens
+        cell_tok = _zero_padding(cells.expand(b, -1, -1, -1), cell_token_mask)
+        placed = region_tok
+        if self.region_position is not None:
+            assert scales.region_pos is not None  # checked in encode_scales
+            pos = self.region_position(scales.region_pos.expand(b, -1, -1))
+            placed = region_tok + _zero_padding(pos, region_mask)
+        fields = {"wsi_token": wsi_tok, "region_tokens": region_tok, "patch_tokens": patch_tok,
+                  "cell_tokens": cell_tok, "cell_token_mask": cell_token_mask,
+                  "has_cells": scales.has_cells.expand(b, -1, -1) & patch_mask,
+                  "cell_attention": scales.cell_attention}
+        if self.resampler is not None and self.fusion is not None:
+            fused = self.fusion(wsi_tok, placed, patch_tok, patch_mask, cell_tok, cell_token_mask)
+            tokens, region_attention = self.resampler(fused, region_mask, need_weights=output_attentions)
+            q = tokens.shape[1]
+            refs = torch.full((b, q, 3), -1, dtype=torch.long, device=tokens.device)
+            refs[..., 0] = SCALE_CODES["query"]
+            refs[..., 2] = torch.arange(q, device=tokens.device)
+            mask = torch.ones(b, q, dtype=torch.bool, device=tokens.device)
+            return HwsiVisualOutput(visual_tokens=tokens, visual_mask=mask, token_refs=refs,
+                                    region_attention=region_attention, **fields)
+        tokens, mask, refs = self._concat(wsi_tok, placed, region_mask, patch_tok, patch_mask,
+                                          cell_tok, cell_token_mask)
+        return HwsiVisualOutput(visual_tokens=tokens, visual_mask=mask, token_refs=refs, **fields)
+
     def forward(
         self,
         region: Tensor,
@@ -248,43 +385,9 @@ class HwsiModel(HwsiPreTrainedModel):
         ``wsi`` (``(B, D_wsi)``) is optional: by default the slide vector is aggregated from
         the real regions, so masking a region (occlusion evidence) also changes it.
         """
-        region_mask = region_mask.bool()
-        patch_mask = patch_mask.bool() & region_mask[..., None]
-        # Padding may hold anything: zero it before any arithmetic, so neither values nor
-        # gradients can leak from padded slots into real ones.
-        region = _zero_padding(region, region_mask)
-        patch = _zero_padding(patch, patch_mask)
-        cells, cell_token_mask, cell_attention = self.fuse_cells(
-            cell, cell_mask.bool(), patch_mask, cell_pos, need_weights=output_attentions
-        )
-        cells = _zero_padding(cells, cell_token_mask)
-        has_cells = patch_mask & (cell_mask.bool().any(-1) if cell.dim() == 5 else cell_token_mask)
-        wsi_vec = wsi if wsi is not None else self.aggregate_wsi(region, region_mask)
-        wsi_tok = self.projectors["wsi"](wsi_vec)
-        region_tok = _zero_padding(self.projectors["region"](region), region_mask)
-        placed = region_tok
-        if self.region_position is not None:
-            if region_pos is None:
-                raise ValueError("region_position_encoding is 'fourier' but no region_pos was given")
-            placed = region_tok + self.region_position(_zero_padding(region_pos, region_mask))
-        patch_tok = _zero_padding(self.projectors["patch"](patch), patch_mask)
-        cell_tok = _zero_padding(self.projectors["cell"](cells), cell_token_mask)
-        scales = {"wsi_token": wsi_tok, "region_tokens": region_tok, "patch_tokens": patch_tok,
-                  "cell_tokens": cell_tok, "cell_token_mask": cell_token_mask,
-                  "has_cells": has_cells, "cell_attention": cell_attention}
-        if self.resampler is not None and self.fusion is not None:
-            fused = self.fusion(wsi_tok, placed, patch_tok, patch_mask, cell_tok, cell_token_mask)
-            tokens, region_attention = self.resampler(fused, region_mask, need_weights=output_attentions)
-            b, q, _ = tokens.shape
-            refs = torch.full((b, q, 3), -1, dtype=torch.long, device=tokens.device)
-            refs[..., 0] = SCALE_CODES["query"]
-            refs[..., 2] = torch.arange(q, device=tokens.device)
-            mask = torch.ones(b, q, dtype=torch.bool, device=tokens.device)
-            return HwsiVisualOutput(visual_tokens=tokens, visual_mask=mask, token_refs=refs,
-                                    region_attention=region_attention, **scales)
-        tokens, mask, refs = self._concat(wsi_tok, placed, region_mask, patch_tok, patch_mask,
-                                          cell_tok, cell_token_mask)
-        return HwsiVisualOutput(visual_tokens=tokens, visual_mask=mask, token_refs=refs, **scales)
+        scales = self.encode_scales(region, region_mask, patch, patch_mask, cell, cell_mask,
+                                    cell_pos, region_pos, wsi, output_attentions=output_attentions)
+        return self.assemble(scales, output_attentions=output_attentions)
 
     def _concat(
         self, wsi_tok: Tensor, region_tok: Tensor, region_mask: Tensor, patch_tok: Tensor,

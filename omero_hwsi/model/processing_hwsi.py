@@ -134,7 +134,8 @@ def visual_inputs(
         - ``cell`` ``(R, C, N, D_cell)`` float32, ``cell_mask`` ``(R, C, N)`` bool,
           ``cell_pos`` ``(R, C, N, 2)`` float32: centroid ``(x, y)`` relative to its patch box,
           in [0, 1]; ``N = min(max_cells, most nuclei in any selected patch)``, at least 1;
-        - ``wsi`` ``(D_wsi,)`` float32;
+        - no slide vector: the model aggregates it from the regions (``wsi_aggregator``), so
+          masking a region for evidence changes it, and an attention pool is trained;
         - ids for evidence, -1 where empty: ``region_index`` ``(R,)`` int64 (grid index ``i``),
           ``patch_index`` ``(R, C)`` int64 (patch slot ``j``), ``cell_k`` ``(R, C, N)`` int64
           (nucleus ``k`` within its patch), so slot ``[r, c, n]`` is ``r<i>.p<j>.c<k>``.
@@ -206,7 +207,6 @@ def visual_inputs(
         "cell": cell,
         "cell_mask": cell_mask,
         "cell_pos": cell_pos,
-        "wsi": np.asarray(features.wsi_features, dtype=np.float32),
         "region_index": np.asarray(features.region_index, dtype=np.int64),
         "patch_index": np.where(patch_mask, selected, -1).astype(np.int64),
         "cell_k": cell_k,

@@ -41,7 +41,6 @@ def fake_slide(regions: int, slots: int, cells: int, *, filled: int | None = Non
         "cell": rng.normal(size=(regions, slots, cells, 4)).astype(np.float32) * cell_mask[..., None],
         "cell_mask": cell_mask,
         "cell_pos": rng.uniform(size=(regions, slots, cells, 2)).astype(np.float32),
-        "wsi": rng.normal(size=6).astype(np.float32),
         "region_index": np.arange(regions, dtype=np.int64) + 10,
         "patch_index": np.where(patch_mask, np.arange(slots), -1).astype(np.int64),
         "cell_k": np.where(cell_mask, np.arange(cells), -1).astype(np.int64),
@@ -215,7 +214,7 @@ def test_visual_inputs_follow_the_store(cmu_features):
     assert v["patch"].shape == (regions, slots, f.patch_features.shape[2])
     assert v["cell"].shape == (regions, slots, n, d_cell)
     assert v["cell_pos"].shape == (regions, slots, n, 2) and v["cell_k"].shape == (regions, slots, n)
-    assert v["wsi"].shape == f.wsi_features.shape
+    assert "wsi" not in v  # the model aggregates the slide vector from the regions
     np.testing.assert_array_equal(v["region_index"], f.region_index)
     # Rank order is the store's selection.
     np.testing.assert_array_equal(v["patch_index"], np.where(f.selected >= 0, f.selected, -1))
@@ -271,15 +270,13 @@ def test_collate_pads_mixed_regions_patches_and_cells(cmu_features):
     made = fake_slide(2, 5, 6, filled=3, seed=2)
     made.update(region=np.ones((2, real["region"].shape[1]), np.float32),
                 patch=np.ones((2, 5, real["patch"].shape[2]), np.float32),
-                cell=np.ones((2, 5, 6, real["cell"].shape[3]), np.float32),
-                wsi=np.ones_like(real["wsi"]))
+                cell=np.ones((2, 5, 6, real["cell"].shape[3]), np.float32))
     batch = collate_visual([real, made])
     r0, c0, n0 = real["cell_mask"].shape
     r, c, n = max(r0, 2), max(c0, 5), max(n0, 6)
     assert batch["cell"].shape == (2, r, c, n, real["cell"].shape[3])
     assert batch["cell_pos"].shape == (2, r, c, n, 2)
     assert batch["patch_mask"].shape == (2, r, c) and batch["region_mask"].shape == (2, r)
-    assert batch["wsi"].shape == (2, real["wsi"].shape[0])
     assert batch["region"].dtype == torch.float32 and batch["cell_mask"].dtype == torch.bool
     assert batch["cell_k"].dtype == torch.int64
     # The real store's slide keeps its values; everything beyond it is padding.
