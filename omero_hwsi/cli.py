@@ -224,6 +224,29 @@ def tiles(
         typer.echo(str(path))
 
 
+model_app = typer.Typer(help="Model folders: import released weights.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("import-official")
+@_handle_errors
+def model_import_official(
+    folder: Annotated[Path, typer.Argument(help="The released MLLM-HWSI folder, downloaded by you.")],
+    out: Annotated[Path, typer.Option("--out", help="Model folder to write (new or empty).")],
+) -> None:
+    """Convert the authors' released MLLM-HWSI weights into this project's model folder.
+
+    Prints the written folder on stdout. Nothing is downloaded; a folder whose files, keys or
+    shapes differ from the released layout is refused (exit 3) and nothing is written.
+    """
+    from omero_hwsi.model.convert_official import describe_imported, import_official
+
+    _settings()
+    path = import_official(folder, out)
+    stderr.print(describe_imported(path), highlight=False, soft_wrap=True)
+    typer.echo(str(path))
+
+
 @app.command()
 def version() -> None:
     """Print the omero-hwsi version."""

@@ -156,6 +156,10 @@ class HwsiPreTrainedModel(PreTrainedModel):
     ) -> Any:
         """Load from a local folder only; a missing folder is a one-line error, never a download."""
         path = os.fspath(pretrained_model_name_or_path)
+        from omero_hwsi.model.convert_official import is_official_folder, load_official
+
+        if is_official_folder(path):  # the authors' released layout: converted on load
+            return load_official(path, model_class=cls)
         if not os.path.isdir(path):
             raise ModelFileNotFoundError(
                 f"{path}: model folder not found (models load from local paths only; "
