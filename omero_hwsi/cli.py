@@ -247,6 +247,33 @@ def model_import_official(
     typer.echo(str(path))
 
 
+@app.command("train")
+@_handle_errors
+def train_command(
+    config: Annotated[Path, typer.Option("--config", help="Training config (TOML; keys in "
+                                         "docs/training.md).")],
+    stage: Annotated[int | None, typer.Option("--stage", min=0, max=3, help="Stage 0-3; must "
+                                              "match the config's stage when both are given.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint "
+                                         "in the output folder.")] = False,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Overrides the "
+                                                    "config's output_dir.")] = None,
+) -> None:
+    """Train one stage of MLLM-HWSI (0 LM pre-training, 1 alignment, 2 projection, 3 instructions).
+
+    Writes metrics.jsonl, checkpoints and final/ under the output folder; prints the final
+    model folder on stdout.
+    """
+    from omero_hwsi.training.config import load_train_config
+    from omero_hwsi.training.loop import train as run_training
+
+    _settings()
+    train_config = load_train_config(config, stage=stage, output_dir=output_dir)
+    with _progress_bar(f"stage {train_config.stage}") as progress:
+        final = run_training(train_config, resume=resume, progress=progress)
+    typer.echo(str(final))
+
+
 @app.command()
 def version() -> None:
     """Print the omero-hwsi version."""

@@ -1,4 +1,5 @@
-"""Training: what each stage trains, strict weight hand-over between stages, WSI-Bench datasets.
+"""Training: stages, strict weight hand-over, WSI-Bench datasets, and the loop behind ``hwsi train``.
 
-Needs the ``worker`` extra (torch). The training loop and ``hwsi train`` build on these.
+Needs the ``worker`` extra (torch). Entry points: ``training.config.load_train_config`` and
+``training.loop.train`` (imported from their modules, so importing this package stays cheap).
 """
