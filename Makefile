@@ -51,6 +51,7 @@ test-fast: setup
 bench: setup
 	$(PY) bench/bench_extract.py
 	$(PY) bench/bench_memory.py
+	$(PY) bench/bench_evidence.py
 
 lint: setup
 	$(VENV)/bin/ruff check omero_hwsi qupath_bridge tests bench

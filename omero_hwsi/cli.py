@@ -224,6 +224,85 @@ def tiles(
         typer.echo(str(path))
 
 
+@app.command()
+@_handle_errors
+def ask(
+    store: Annotated[list[Path], typer.Option("--store", help="Feature store folder (repeat for "
+                                              "several slides; from `hwsi extract`).")],
+    model: Annotated[Path, typer.Option("--model", help="Model folder (save_pretrained layout).")],
+    question: Annotated[str | None, typer.Option("--question", "-q", help="The question (default "
+                                                 "per task for report, caption, classify).")] = None,
+    task: Annotated[str, typer.Option("--task", help="vqa, report, caption, classify or "
+                                      "retrieve.")] = "vqa",
+    label: Annotated[list[str] | None, typer.Option("--label", help="A candidate label for "
+                                                    "classify (repeat).")] = None,
+    text: Annotated[list[str] | None, typer.Option("--text", help="A text to match for retrieve "
+                                                   "(repeat).")] = None,
+    evidence: Annotated[str, typer.Option("--evidence", help="Deepest evidence level: region, "
+                                          "patch, cell or none.")] = "cell",
+    evidence_method: Annotated[str, typer.Option("--evidence-method", help="occlusion (faithful) "
+                                                 "or gradient_x_input (fast).")] = "occlusion",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding "
+                                         "(needs --seed).")] = False,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for --sample.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slides per batch.")] = 4,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda "
+                                               "when available).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the JSON results here "
+                                             "instead of stdout.")] = None,
+) -> None:
+    """Ask a model about slides; answers come with the regions, patches and nuclei behind them.
+
+    Prints (or writes) a JSON list with one result per slide: answer, label probabilities
+    (classify), evidence with hierarchy ids, level-0 geometry and method, the model and the
+    decoding settings. Research use only.
+    """
+    from omero_hwsi._io import write_json_atomic
+    from omero_hwsi.errors import InputError
+    from omero_hwsi.features.store import load_features
+    from omero_hwsi.inference import Decoding, EvidenceBudget, HwsiPipeline
+
+    settings = _settings()
+    if evidence not in ("region", "patch", "cell", "none"):
+        raise InputError(f"--evidence must be region, patch, cell or none, got {evidence!r}")
+    if evidence_method not in ("occlusion", "gradient_x_input"):
+        raise InputError(f"--evidence-method must be occlusion or gradient_x_input, got {evidence_method!r}")
+    if task == "retrieve" and not text:
+        raise InputError("retrieve needs at least one --text")
+    slides = [load_features(path) for path in store]
+    decoding = Decoding(max_new_tokens=max_new_tokens, do_sample=sample, seed=seed,
+                        temperature=temperature, top_p=top_p)
+    pipeline = HwsiPipeline.from_pretrained(model, device=device)
+    payload: Any
+    if task == "retrieve":
+        assert text is not None
+        payload = pipeline.retrieve(slides, text).to_dict()
+    else:
+        budget = EvidenceBudget(top_regions=settings.evidence_top_regions,
+                                top_patches=settings.evidence_top_patches,
+                                batch_size=settings.evidence_batch_size)
+        with _progress_bar("ask") as progress:
+            results = pipeline.ask(
+                slides, question, task=task, labels=label, evidence=evidence,  # type: ignore[arg-type]
+                evidence_method=evidence_method, budget=budget,  # type: ignore[arg-type]
+                decoding=decoding, batch_size=batch_size, progress=progress,
+            )
+        for result in results:
+            best = result.top("region", 1)
+            where = f" (strongest region {best[0].id}, {best[0].score:+.3f})" if best else ""
+            stderr.print(f"{result.slide['slide_id']}: {result.answer}{where}", highlight=False,
+                         soft_wrap=True)
+        payload = [r.to_dict() for r in results]
+    if out is not None:
+        write_json_atomic(out, payload)
+        typer.echo(str(out))
+    else:
+        typer.echo(json.dumps(payload, indent=2))
+
+
 model_app = typer.Typer(help="Model folders: import released weights.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 

@@ -65,6 +65,12 @@ class Settings:
         "Patches per region selected by relevance among the candidates (k)."))
     extract_workers: int = field(default=2, metadata=_doc(
         "Worker processes reading and encoding patches during extraction (0 = in-process)."))
+    evidence_top_regions: int = field(default=4, metadata=_doc(
+        "Evidence: regions (best first) whose patches are scored after every region is scored."))
+    evidence_top_patches: int = field(default=4, metadata=_doc(
+        "Evidence: patches (best first) whose nuclei are scored."))
+    evidence_batch_size: int = field(default=16, metadata=_doc(
+        "Evidence: masked variants scored per forward pass of the language model."))
     log_level: str = field(default="WARNING", metadata=_doc(
         "Python logging level for the CLI (DEBUG, INFO, WARNING, ERROR)."))
 
@@ -83,6 +89,12 @@ class Settings:
             (1 <= self.patches_per_region <= self.candidates_per_region,
              f"patches_per_region must be in [1, candidates_per_region], got {self.patches_per_region}"),
             (self.extract_workers >= 0, f"extract_workers must be >= 0, got {self.extract_workers}"),
+            (self.evidence_top_regions >= 0,
+             f"evidence_top_regions must be >= 0, got {self.evidence_top_regions}"),
+            (self.evidence_top_patches >= 0,
+             f"evidence_top_patches must be >= 0, got {self.evidence_top_patches}"),
+            (self.evidence_batch_size >= 1,
+             f"evidence_batch_size must be >= 1, got {self.evidence_batch_size}"),
             (self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"},
              f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"),
         ]

@@ -367,6 +367,18 @@ def test_from_pretrained_reads_a_released_folder_directly(release, imported):
         HwsiModel.from_pretrained(release)
 
 
+def test_the_inference_pipeline_opens_a_released_folder(release, imported):
+    from omero_hwsi.inference import HwsiPipeline
+
+    pipeline = HwsiPipeline.from_pretrained(release, device="cpu")
+    assert pipeline.processor.prompt_layout == "released"
+    info = pipeline.model_info()
+    assert (info["fusion_mode"], info["cell_fusion"], info["wsi_aggregator"]) == (
+        "resampler", "precomputed", "mean")
+    for key, value in imported.state_dict().items():
+        assert torch.equal(pipeline.model.state_dict()[key], value), key
+
+
 # -- (i) full size on the meta device ---------------------------------------------------------------
 
 QWEN25_7B = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584,
