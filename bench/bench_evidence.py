@@ -106,7 +106,7 @@ def run(fusion: str, features) -> dict[str, float]:
     gap = abs(sorted(ours)[-1] - sorted(naive_scores)[-1])
     cells, t_hier = timed_explain(model, parts, visual, features, "cell", EvidenceBudget())
     _, t_grad = timed_explain(model, parts, visual, features, "cell", EvidenceBudget(),
-                              method="gradient_x_input")
+                              method="grad_x_input")
     tokens = int(model.model(**{k: v for k, v in visual.items()}).visual_mask.sum())
     return {"visual tokens": tokens, "variants (exhaustive)": len(items),
             "variants (hierarchical)": len(cells), "generate s": t_generate, "naive s": t_naive,

@@ -182,7 +182,7 @@ class _Occlusion:
         return (self.base - self._score(len(nuclei), build)).tolist()
 
 
-def _gradient_x_input(
+def _grad_x_input(
     model: HwsiForConditionalGeneration, parts: PromptParts, inputs: dict[str, Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Per-element gradient x input: regions ``(R,)``, patches ``(R, C)``, cell tokens
@@ -228,7 +228,7 @@ def explain(
         visual: the slide's batch tensors (B = 1) from ``collate_visual(visual_inputs(...))``.
         features: the slide's feature store (for ids and geometry).
         depth: deepest level scored: ``region``, ``patch``, ``cell`` (nuclei) or ``none``.
-        method: ``occlusion`` or ``gradient_x_input``.
+        method: ``occlusion`` or ``grad_x_input``.
         budget: the hierarchical budgets (defaults: 4 regions, 4 patches, 16 per pass).
 
     Returns:
@@ -237,8 +237,8 @@ def explain(
     """
     if depth not in _DEPTHS:
         raise ValueError(f"evidence depth must be one of {', '.join(_DEPTHS)}, got {depth!r}")
-    if method not in ("occlusion", "gradient_x_input"):
-        raise ValueError(f"evidence method must be occlusion or gradient_x_input, got {method!r}")
+    if method not in ("occlusion", "grad_x_input"):
+        raise ValueError(f"evidence method must be occlusion or grad_x_input, got {method!r}")
     budget = budget or EvidenceBudget()
     if depth == "none":
         return [], []
@@ -256,7 +256,7 @@ def explain(
         occlusion = _Occlusion(model, parts, inputs, budget.batch_size)
         region_scores = occlusion.regions(regions)
     else:
-        grads = _gradient_x_input(model, parts, inputs)
+        grads = _grad_x_input(model, parts, inputs)
         g_region, g_patch, g_cell, _ = grads
         in_region = (g_patch + g_cell) * patch_mask
         region_scores = [float(g_region[r] + in_region[r].sum()) for r in regions]

@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 EvidenceLevel = Literal["region", "patch", "cell"]
-EvidenceMethod = Literal["occlusion", "gradient_x_input"]
+EvidenceMethod = Literal["occlusion", "grad_x_input"]
 
 EVIDENCE_METHODS: dict[str, str] = {
     "occlusion": (
@@ -32,7 +32,7 @@ EVIDENCE_METHODS: dict[str, str] = {
         "cell token, a nucleus by re-fusing its patch without it); positive = the answer "
         "relies on it"
     ),
-    "gradient_x_input": (
+    "grad_x_input": (
         "gradient of the answer's log-likelihood times the element's projected token (region "
         "and patch: their tokens in the LLM space; nucleus: its input descriptor), summed over "
         "features; one backward pass, a first-order approximation of occlusion"

@@ -99,9 +99,9 @@ def test_depth_limits_and_gradient_method(small_store):
     for depth, levels in (("none", set()), ("region", {"region"}), ("patch", {"region", "patch"})):
         items, _ = explain(model, parts, visual, small_store, depth=depth)
         assert {i.level for i in items} == levels
-    items, notes = explain(model, parts, visual, small_store, depth="cell", method="gradient_x_input")
+    items, notes = explain(model, parts, visual, small_store, depth="cell", method="grad_x_input")
     assert {i.level for i in items} == {"region", "patch", "cell"} and notes == []
-    assert {i.method for i in items} == {"gradient_x_input"}
+    assert {i.method for i in items} == {"grad_x_input"}
     assert all(torch.isfinite(torch.tensor(i.score)) for i in items)
     assert not any(p.requires_grad and p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="depth"):
