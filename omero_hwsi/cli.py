@@ -241,7 +241,7 @@ def ask(
     evidence: Annotated[str, typer.Option("--evidence", help="Deepest evidence level: region, "
                                           "patch, cell or none.")] = "cell",
     evidence_method: Annotated[str, typer.Option("--evidence-method", help="occlusion (faithful) "
-                                                 "or grad_x_input (fast).")] = "occlusion",
+                                                 "grad_x_input (fast) or attention (approximate).")] = "occlusion",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding "
                                          "(needs --seed).")] = False,
@@ -268,8 +268,8 @@ def ask(
     settings = _settings()
     if evidence not in ("region", "patch", "cell", "none"):
         raise InputError(f"--evidence must be region, patch, cell or none, got {evidence!r}")
-    if evidence_method not in ("occlusion", "grad_x_input"):
-        raise InputError(f"--evidence-method must be occlusion or grad_x_input, got {evidence_method!r}")
+    if evidence_method not in ("occlusion", "grad_x_input", "attention"):
+        raise InputError(f"--evidence-method must be occlusion, grad_x_input or attention, got {evidence_method!r}")
     if task == "retrieve" and not text:
         raise InputError("retrieve needs at least one --text")
     slides = [load_features(path) for path in store]

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from omero_hwsi.inference.result import EvidenceItem, EvidenceLevel, EvidenceMethod
-from omero_hwsi.inference.scoring import PromptParts, answer_log_likelihood
+from omero_hwsi.inference.scoring import PromptParts, answer_attention, answer_log_likelihood
+from omero_hwsi.model.modeling_hwsi import SCALE_CODES
 from omero_hwsi.slide.hierarchy import cell_hid, patch_hid, region_hid
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ class _Occlusion:
 
         return (self.base - self._score(len(rs), build)).tolist()
 
-    def patches(self, slots: list[tuple[int, int]]) -> list[float]:
+    def patches(self, slots: list[tuple[int, int]]) -> list[float] | None:
         def build(chunk: slice) -> dict[str, Tensor]:
             mask = self.scales.patch_mask.expand(chunk.stop - chunk.start, -1, -1).clone()
             for v, (r, c) in enumerate(slots[chunk]):
@@ -154,7 +155,7 @@ class _Occlusion:
 
         return (self.base - self._score(len(slots), build)).tolist()
 
-    def cells(self, nuclei: list[tuple[int, int, int]]) -> list[float]:
+    def cells(self, nuclei: list[tuple[int, int, int]]) -> list[float] | None:
         """Each nucleus: re-fuse its patch without it (CCAF), swap in that cell token."""
         hwsi = self.model.model
         cell, mask = self.inputs["cell"], self.inputs["cell_mask"].bool()
@@ -182,32 +183,108 @@ class _Occlusion:
         return (self.base - self._score(len(nuclei), build)).tolist()
 
 
-def _grad_x_input(
-    model: HwsiForConditionalGeneration, parts: PromptParts, inputs: dict[str, Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Per-element gradient x input: regions ``(R,)``, patches ``(R, C)``, cell tokens
-    ``(R, C)`` and nuclei ``(R, C, N)`` (None without CCAF)."""
-    hwsi = model.model
-    with torch.enable_grad():
-        cell = inputs["cell"]
-        per_nucleus = hwsi.ccaf is not None
-        if per_nucleus:
-            cell = cell.detach().clone().requires_grad_(True)
-        scales = hwsi.encode_scales(**{**inputs, "cell": cell})
-        out = hwsi.assemble(scales)
+class _GradXInput:
+    """Gradient x input of every element from one backward pass.
+
+    Regions and patches use their projected tokens (a region adds its patches' and cells', as
+    removing a region removes them); nuclei use their input descriptors (they have no token of
+    their own). Without CCAF there is no per-nucleus input.
+    """
+
+    def __init__(self, model: HwsiForConditionalGeneration, parts: PromptParts,
+                 inputs: dict[str, Tensor]) -> None:
+        hwsi = model.model
+        self.patch_mask = inputs["patch_mask"][0].bool() & inputs["region_mask"][0].bool()[:, None]
+        with torch.enable_grad():
+            cell = inputs["cell"]
+            per_nucleus = hwsi.ccaf is not None
+            if per_nucleus:
+                cell = cell.detach().clone().requires_grad_(True)
+            scales = hwsi.encode_scales(**{**inputs, "cell": cell})
+            out = hwsi.assemble(scales)
+            assert out.visual_tokens is not None and out.visual_mask is not None
+            ll = answer_log_likelihood(model.language_model, [parts],
+                                       [out.visual_tokens[0][out.visual_mask[0]]])
+            targets = [scales.region_tokens, scales.patch_tokens, scales.cell_tokens]
+            if per_nucleus:
+                targets.append(cell)
+            grads = torch.autograd.grad(ll.sum(), targets, allow_unused=True)
+        products = [
+            (g * t).float().sum(-1)[0].detach() if g is not None else torch.zeros(t.shape[1:-1])
+            for g, t in zip(grads, targets, strict=True)
+        ]
+        self.region, self.patch = products[0], products[1] + products[2]
+        self.nucleus = products[3] if per_nucleus else None
+
+    def regions(self, rs: list[int]) -> list[float]:
+        inside = (self.patch * self.patch_mask).sum(dim=1)
+        return [float(self.region[r] + inside[r]) for r in rs]
+
+    def patches(self, slots: list[tuple[int, int]]) -> list[float] | None:
+        return [float(self.patch[r, c]) for r, c in slots]
+
+    def cells(self, nuclei: list[tuple[int, int, int]]) -> list[float] | None:
+        if self.nucleus is None:
+            return None
+        return [float(self.nucleus[r, c, n]) for r, c, n in nuclei]
+
+
+class _Attention:
+    """Attention flow from the answer back to the slide (approximate, labelled so).
+
+    The answer's attention to each visual token (last LLM layer, heads and answer positions
+    averaged) is followed down: with the resampler through the query->region attention (patches
+    are mean-pooled there, so attention cannot rank them); with concat to the tokens of each
+    region and patch directly. A nucleus gets its patch's share times CCAF's CLS->nucleus
+    attention.
+    """
+
+    def __init__(self, model: HwsiForConditionalGeneration, parts: PromptParts,
+                 inputs: dict[str, Tensor]) -> None:
+        hwsi = model.model
+        scales = hwsi.encode_scales(**inputs, output_attentions=True)
+        out = hwsi.assemble(scales, output_attentions=True)
         assert out.visual_tokens is not None and out.visual_mask is not None
-        ll = answer_log_likelihood(model.language_model, [parts],
-                                   [out.visual_tokens[0][out.visual_mask[0]]])
-        targets = [scales.region_tokens, scales.patch_tokens, scales.cell_tokens]
-        if per_nucleus:
-            targets.append(cell)
-        grads = torch.autograd.grad(ll.sum(), targets, allow_unused=True)
-    products = [
-        (g * t).float().sum(-1)[0].detach() if g is not None else torch.zeros(t.shape[1:-1])
-        for g, t in zip(grads, targets, strict=True)
-    ]
-    nucleus = products[3] if per_nucleus else None
-    return products[0], products[1], products[2], nucleus
+        assert out.token_refs is not None
+        mask = out.visual_mask[0]
+        flow = answer_attention(model.language_model, parts, out.visual_tokens[0][mask])
+        r_count, c_count = scales.patch_mask.shape[1:]
+        self.patch: Tensor | None = None
+        if out.region_attention is not None:
+            self.region = (flow[:, None] * out.region_attention[0].float()).sum(dim=0)
+        else:
+            refs = out.token_refs[0][mask]
+            self.region = torch.zeros(r_count)
+            self.patch = torch.zeros(r_count, c_count)
+            for (code, r, c), weight in zip(refs.tolist(), flow.tolist(), strict=True):
+                if r >= 0:
+                    self.region[r] += weight
+                if r >= 0 and c >= 0 and code in (SCALE_CODES["cell"], SCALE_CODES["patch"]):
+                    self.patch[r, c] += weight
+        attention = scales.cell_attention
+        self.nucleus = None
+        if attention is not None and self.patch is not None:
+            self.nucleus = self.patch[..., None] * attention[0].float()
+
+    def regions(self, rs: list[int]) -> list[float]:
+        return [float(self.region[r]) for r in rs]
+
+    def patches(self, slots: list[tuple[int, int]]) -> list[float] | None:
+        if self.patch is None:
+            return None
+        return [float(self.patch[r, c]) for r, c in slots]
+
+    def cells(self, nuclei: list[tuple[int, int, int]]) -> list[float] | None:
+        if self.nucleus is None:
+            return None
+        return [float(self.nucleus[r, c, n]) for r, c, n in nuclei]
+
+
+_UNAVAILABLE = {
+    ("attention", "patch"): "patches not scored: the resampler mean-pools the patches of a "
+                            "region, so attention cannot rank them (use occlusion)",
+    ("attention", "cell"): "nuclei not scored: no CLS->nucleus attention below unscored patches",
+}
 
 
 def explain(
@@ -228,7 +305,7 @@ def explain(
         visual: the slide's batch tensors (B = 1) from ``collate_visual(visual_inputs(...))``.
         features: the slide's feature store (for ids and geometry).
         depth: deepest level scored: ``region``, ``patch``, ``cell`` (nuclei) or ``none``.
-        method: ``occlusion`` or ``grad_x_input``.
+        method: ``occlusion``, ``grad_x_input`` or ``attention``.
         budget: the hierarchical budgets (defaults: 4 regions, 4 patches, 16 per pass).
 
     Returns:
@@ -237,8 +314,9 @@ def explain(
     """
     if depth not in _DEPTHS:
         raise ValueError(f"evidence depth must be one of {', '.join(_DEPTHS)}, got {depth!r}")
-    if method not in ("occlusion", "grad_x_input"):
-        raise ValueError(f"evidence method must be occlusion or grad_x_input, got {method!r}")
+    if method not in get_args(EvidenceMethod):
+        raise ValueError(f"evidence method must be one of {', '.join(get_args(EvidenceMethod))}, "
+                         f"got {method!r}")
     budget = budget or EvidenceBudget()
     if depth == "none":
         return [], []
@@ -250,16 +328,14 @@ def explain(
     region_mask = inputs["region_mask"][0].bool()
     patch_mask = inputs["patch_mask"][0].bool() & region_mask[:, None]
     regions = region_mask.nonzero()[:, 0].tolist()
-    occlusion: _Occlusion | None = None
-    grads: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
+    scorer: _Occlusion | _GradXInput | _Attention
     if method == "occlusion":
-        occlusion = _Occlusion(model, parts, inputs, budget.batch_size)
-        region_scores = occlusion.regions(regions)
+        scorer = _Occlusion(model, parts, inputs, budget.batch_size)
+    elif method == "grad_x_input":
+        scorer = _GradXInput(model, parts, inputs)
     else:
-        grads = _grad_x_input(model, parts, inputs)
-        g_region, g_patch, g_cell, _ = grads
-        in_region = (g_patch + g_cell) * patch_mask
-        region_scores = [float(g_region[r] + in_region[r].sum()) for r in regions]
+        with torch.no_grad():
+            scorer = _Attention(model, parts, inputs)
     items: list[EvidenceItem] = []
 
     def add(level: EvidenceLevel, ident: tuple[str, dict[str, Any]], score: float,
@@ -267,7 +343,7 @@ def explain(
         items.append(EvidenceItem(id=ident[0], level=level, method=method, score=float(score),
                                   geometry=ident[1], parent=parent))
 
-    ranked_regions = sorted(zip(regions, region_scores, strict=True), key=lambda x: -x[1])
+    ranked_regions = sorted(zip(regions, scorer.regions(regions), strict=True), key=lambda x: -x[1])
     for r, score in ranked_regions:
         add("region", geometry.region(r), score, None)
     if depth == "region":
@@ -275,11 +351,10 @@ def explain(
 
     slots = [(r, c) for r, _ in ranked_regions[: budget.top_regions]
              for c in patch_mask[r].nonzero()[:, 0].tolist()]
-    if occlusion is not None:
-        patch_scores = occlusion.patches(slots)
-    else:
-        assert grads is not None
-        patch_scores = [float(grads[1][r, c] + grads[2][r, c]) for r, c in slots]
+    patch_scores = scorer.patches(slots)
+    if patch_scores is None:
+        notes.append(_UNAVAILABLE[(method, "patch")])
+        return items, notes
     ranked_patches = sorted(zip(slots, patch_scores, strict=True), key=lambda x: -x[1])
     for (r, c), score in ranked_patches:
         add("patch", geometry.patch(r, c), score, geometry.region(r)[0])
@@ -296,11 +371,10 @@ def explain(
     if not nuclei:
         notes.append(f"nuclei not scored: the top {budget.top_patches} patches hold no nuclei")
         return items, notes
-    if occlusion is not None:
-        cell_scores = occlusion.cells(nuclei)
-    else:
-        assert grads is not None and grads[3] is not None
-        cell_scores = [float(grads[3][r, c, n]) for r, c, n in nuclei]
+    cell_scores = scorer.cells(nuclei)
+    if cell_scores is None:
+        notes.append(_UNAVAILABLE[(method, "cell")])
+        return items, notes
     for (r, c, n), score in sorted(zip(nuclei, cell_scores, strict=True), key=lambda x: -x[1]):
         add("cell", geometry.cell(r, c, n), score, geometry.patch(r, c)[0])
     return items, notes

@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 EvidenceLevel = Literal["region", "patch", "cell"]
-EvidenceMethod = Literal["occlusion", "grad_x_input"]
+EvidenceMethod = Literal["occlusion", "grad_x_input", "attention"]
 
 EVIDENCE_METHODS: dict[str, str] = {
     "occlusion": (
@@ -36,6 +36,12 @@ EVIDENCE_METHODS: dict[str, str] = {
         "gradient of the answer's log-likelihood times the element's projected token (region "
         "and patch: their tokens in the LLM space; nucleus: its input descriptor), summed over "
         "features; one backward pass, a first-order approximation of occlusion"
+    ),
+    "attention": (
+        "attention flow, approximate: the answer's attention to each visual token (last LLM "
+        "layer, heads and answer positions averaged), followed through the resampler's "
+        "query->region attention or to each region's and patch's own tokens (concat), and to "
+        "nuclei by CCAF's CLS->nucleus attention; attention is not attribution"
     ),
 }
 """How each evidence method computes its score, written into every result."""

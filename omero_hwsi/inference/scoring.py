@@ -16,7 +16,8 @@ logits of a long visual prefix would dominate memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import cast
 
@@ -26,7 +27,7 @@ from transformers import PreTrainedModel
 
 from omero_hwsi.model.processing_hwsi import IGNORE_INDEX, VISUAL_PLACEHOLDER_ID, HwsiProcessor
 
-__all__ = ["PromptParts", "answer_log_likelihood", "split_prompt"]
+__all__ = ["PromptParts", "answer_attention", "answer_log_likelihood", "split_prompt"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,3 +131,36 @@ def _score_chunk(
     scored = targets != IGNORE_INDEX
     picked = predictions.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(scored, picked, torch.zeros((), device=device)).sum(dim=1)
+
+
+@contextmanager
+def _eager_attention(language_model: PreTrainedModel) -> Iterator[None]:
+    """Run the LM with eager attention (the only kind that returns attention maps)."""
+    previous = language_model.config._attn_implementation
+    language_model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        language_model.set_attn_implementation(previous)
+
+
+def answer_attention(language_model: PreTrainedModel, parts: PromptParts, visual: Tensor) -> Tensor:
+    """How much the answer attends to each visual token: ``(T,)``, summing to at most 1.
+
+    The last layer's attention, averaged over heads and over the positions that predict the
+    scored answer tokens, read at the visual-token columns. An approximate signal (attention is
+    not attribution), reported as such.
+    """
+    embed = cast(nn.Embedding, language_model.get_input_embeddings())
+    weight = embed.weight
+    ids = torch.tensor(parts.prefix + parts.suffix, dtype=torch.long, device=weight.device)
+    text = embed(ids)
+    n, t = len(parts.prefix), visual.shape[0]
+    sequence = torch.cat([text[:n], visual.to(device=weight.device, dtype=weight.dtype), text[n:]])
+    with _eager_attention(language_model):
+        out = language_model(inputs_embeds=sequence[None], output_attentions=True, use_cache=False,
+                             logits_to_keep=1)
+    attention = out.attentions[-1][0].float().mean(dim=0)  # (L, L), heads averaged
+    rows = [n + t + i - 1 for i, label in enumerate(parts.labels) if label != IGNORE_INDEX]
+    flow: Tensor = attention[rows, n : n + t].mean(dim=0)
+    return flow

@@ -136,3 +136,24 @@ def test_occlusion_finds_the_region_a_trained_answer_depends_on(small_store):
     assert scores[marked_id] > 1.0  # nats: the answer collapses without it
     assert scores[marked_id] > 10 * max(abs(v) for v in others)
     assert items[0].id == marked_id  # ranked first
+
+
+@pytest.mark.parametrize("fusion", ["concat", "resampler"])
+def test_attention_flow_is_labelled_and_sums_like_attention(small_store, fusion):
+    model, processor = tiny_model(fusion=fusion)
+    visual = _visual(small_store)
+    parts = split_prompt(processor, QUESTION, ANSWER)
+    items, notes = explain(model, parts, visual, small_store, depth="cell", method="attention")
+    regions = [i for i in items if i.level == "region"]
+    assert {i.method for i in items} == {"attention"}
+    assert all(i.score >= 0 for i in items)
+    # The answer's attention to all visual tokens is at most 1, and regions share it.
+    assert 0 < sum(r.score for r in regions) <= 1 + 1e-5
+    if fusion == "resampler":
+        assert {i.level for i in items} == {"region"} and "mean-pools" in notes[0]
+    else:
+        assert {i.level for i in items} == {"region", "patch", "cell"} and notes == []
+        patches = {i.id: i.score for i in items if i.level == "patch"}
+        for cell in (i for i in items if i.level == "cell"):
+            assert cell.score <= patches[cell.parent] + 1e-6
+    assert model.language_model.config._attn_implementation == "sdpa"  # restored
