@@ -303,6 +303,75 @@ def ask(
         typer.echo(json.dumps(payload, indent=2))
 
 
+@app.command()
+@_handle_errors
+def analyze(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the result files (one slide), or "
+                                      "for one sub-folder per slide.")],
+    task: Annotated[str, typer.Option("--task", help="vqa, report, caption, classify or "
+                                      "retrieve.")] = "vqa",
+    question: Annotated[str | None, typer.Option("--question", "-q", help="The question (default "
+                                                 "prompt per task except vqa).")] = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="Comma-separated labels "
+                                               "(classify) or texts (retrieve).")] = None,
+    evidence: Annotated[str, typer.Option("--evidence", help="Deepest evidence level: region, "
+                                          "patch, cell or none.")] = "cell",
+    evidence_method: Annotated[str, typer.Option("--evidence-method", help="occlusion (faithful), "
+                                                 "grad_x_input (fast) or attention "
+                                                 "(approximate).")] = "occlusion",
+    regions: Annotated[Path | None, typer.Option("--regions", help="GeoJSON of areas to analyse "
+                                                 "(e.g. a QuPath export); default: all tissue.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Model folder (default: the "
+                                               "embedded demo model).")] = None,
+    mpp: MppOption = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sample the answer with this seed "
+                                             "(default: greedy decoding).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda "
+                                               "when available).")] = None,
+) -> None:
+    """Analyse slides end to end: features, answer, evidence, and files for a pathologist.
+
+    Per slide: result.json, evidence.geojson (drag onto the slide in QuPath), report.md,
+    report.html (self-contained) and overlay.png. Prints each output folder on stdout.
+    Research use only.
+    """
+    from omero_hwsi.analysis import AnalysisRequest, analyze_slide, default_model, output_dirs
+    from omero_hwsi.errors import InputError
+    from omero_hwsi.inference import Decoding, HwsiPipeline
+
+    settings = _settings()
+    choices = {"--evidence": (evidence, ("region", "patch", "cell", "none")),
+               "--evidence-method": (evidence_method, ("occlusion", "grad_x_input", "attention")),
+               "--task": (task, ("vqa", "report", "caption", "classify", "retrieve"))}
+    for option, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise InputError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+    missing = [str(s) for s in slides if not s.is_file()]
+    if missing:
+        raise InputError(f"slide file(s) not found: {', '.join(missing)}")
+    targets = output_dirs(slides, out)
+    request = AnalysisRequest(
+        task=task,  # type: ignore[arg-type]
+        question=question,
+        labels=tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else (),
+        evidence=evidence,  # type: ignore[arg-type]
+        evidence_method=evidence_method,  # type: ignore[arg-type]
+        regions=regions, mpp=mpp,
+        decoding=Decoding(max_new_tokens=max_new_tokens, do_sample=seed is not None, seed=seed),
+    )
+    pipeline = HwsiPipeline.from_pretrained(model or default_model(), device=device)
+    for slide, target in zip(slides, targets, strict=True):
+        with _progress_bar(slide.name) as progress:
+            result = analyze_slide(slide, target, pipeline=pipeline, request=request,
+                                   settings=settings, progress=progress)
+        best = result.top("region", 1)
+        where = f"; strongest region {best[0].id} ({best[0].score:+.3f})" if best else ""
+        stderr.print(f"{slide.name}: {result.answer}{where}", highlight=False, soft_wrap=True)
+        typer.echo(str(target))
+
+
 model_app = typer.Typer(help="Model folders: import released weights.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 

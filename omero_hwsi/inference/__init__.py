@@ -12,7 +12,7 @@ require("transformers", extra="worker", purpose="model inference")
 
 from omero_hwsi.inference.evidence import EvidenceBudget, explain  # noqa: E402
 from omero_hwsi.inference.pipeline import Decoding, HwsiPipeline, RetrievalResult  # noqa: E402
-from omero_hwsi.inference.result import AnalysisResult, EvidenceItem, LabelScore  # noqa: E402
+from omero_hwsi.results.schema import AnalysisResult, EvidenceItem, LabelScore  # noqa: E402
 
 __all__ = [
     "AnalysisResult",

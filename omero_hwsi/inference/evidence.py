@@ -1,6 +1,6 @@
 """Which regions, patches and nuclei an answer rests on.
 
-Two methods, always named in the output (see :data:`~omero_hwsi.inference.result.EVIDENCE_METHODS`):
+Three methods, always named in the output (see :data:`~omero_hwsi.results.schema.EVIDENCE_METHODS`):
 
 * **occlusion** (default, faithful): remove one element from the model's input and measure how
   much the teacher-forced log-likelihood of the answer drops. The per-scale tokens are
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from omero_hwsi.inference.result import EvidenceItem, EvidenceLevel, EvidenceMethod
 from omero_hwsi.inference.scoring import PromptParts, answer_attention, answer_log_likelihood
 from omero_hwsi.model.modeling_hwsi import SCALE_CODES
+from omero_hwsi.results.schema import EvidenceItem, EvidenceLevel, EvidenceMethod
 from omero_hwsi.slide.hierarchy import cell_hid, patch_hid, region_hid
 
 if TYPE_CHECKING:

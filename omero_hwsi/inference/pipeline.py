@@ -35,28 +35,30 @@ from torch import Tensor, nn
 from omero_hwsi.errors import CheckpointMismatchError, InputError
 from omero_hwsi.features.store import SlideFeatures
 from omero_hwsi.inference.evidence import EvidenceBudget, EvidenceDepth, explain
-from omero_hwsi.inference.result import (
-    EVIDENCE_METHODS,
-    AnalysisResult,
-    EvidenceItem,
-    EvidenceMethod,
-    LabelScore,
-)
 from omero_hwsi.inference.scoring import answer_log_likelihood, split_prompt
 from omero_hwsi.model.convert_official import is_official_folder, load_official
 from omero_hwsi.model.losses import TextEncoder
 from omero_hwsi.model.modeling_hwsi import HwsiForConditionalGeneration
 from omero_hwsi.model.processing_hwsi import HwsiProcessor, collate_visual, visual_inputs
 from omero_hwsi.model.text_tower import load_text_encoder
+from omero_hwsi.results.schema import (
+    EVIDENCE_METHODS,
+    AnalysisResult,
+    EvidenceItem,
+    EvidenceMethod,
+    LabelScore,
+    TextMatch,
+)
 
 __all__ = ["DEFAULT_QUESTIONS", "Decoding", "HwsiPipeline", "RetrievalResult", "Task"]
 
-Task = Literal["vqa", "report", "caption", "classify"]
+Task = Literal["vqa", "report", "caption", "classify", "retrieve"]
 
 DEFAULT_QUESTIONS: dict[str, str] = {
     "report": "Write the pathology report for this slide.",
     "caption": "Describe this slide in one sentence.",
     "classify": "What is the diagnosis of this slide?",
+    "retrieve": "Which of these texts describes this slide best?",
 }
 """Prompts used when a task is run without a question."""
 
@@ -261,15 +263,15 @@ class HwsiPipeline:
             FeatureStoreError: a store made with other encoders or grid than the model's.
         """
         if task not in get_args(Task):
-            raise InputError(f"unknown task {task!r}; tasks: {', '.join(get_args(Task))} (and retrieve)")
+            raise InputError(f"unknown task {task!r}; tasks: {', '.join(get_args(Task))}")
         if not slides:
             raise InputError("no slides to analyse")
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         questions = self._questions(question, task, len(slides))
-        if task == "classify":
+        if task in ("classify", "retrieve"):
             if not labels or len(set(labels)) < 2 or any(not str(x).strip() for x in labels):
-                raise InputError("classify needs at least two distinct, non-empty labels (--labels)")
+                raise InputError(f"{task} needs at least two distinct, non-empty labels (--labels)")
         elif labels:
             raise InputError(f"labels are for the classify task, not {task}")
         decoding = decoding or Decoding()
@@ -281,17 +283,25 @@ class HwsiPipeline:
             chunk_questions = questions[start : start + batch_size]
             began = time.perf_counter()
             batch = self.visual_batch(chunk)
+            scores: list[list[LabelScore]] = [[] for _ in chunk]
+            matches: list[list[TextMatch]] = [[] for _ in chunk]
             if task == "classify":
                 assert labels is not None
                 answers, scores = self._classify(batch, chunk_questions, list(labels))
+            elif task == "retrieve":
+                assert labels is not None
+                answers, matches = self._match(batch, list(labels))
             else:
-                answers, scores = self._generate(batch, chunk_questions, decoding), [[] for _ in chunk]
+                answers = self._generate(batch, chunk_questions, decoding)
             answer_time = (time.perf_counter() - began) / len(chunk)
             for i, features in enumerate(chunk):
                 began = time.perf_counter()
                 items: list[EvidenceItem] = []
                 notes: list[str] = []
-                if evidence != "none":
+                if task == "retrieve" and evidence != "none":
+                    notes.append("retrieval compares embeddings: there is no answer likelihood "
+                                 "to explain, so no evidence was scored")
+                elif evidence != "none":
                     parts = split_prompt(self.processor, chunk_questions[i], answers[i])
                     items, notes = explain(self.model, parts, self._single(batch, i), features,
                                            depth=evidence, method=evidence_method, budget=budget)
@@ -299,7 +309,7 @@ class HwsiPipeline:
                     slide=_slide_info(features), task=task, question=chunk_questions[i],
                     answer=answers[i], model=self.model_info(),
                     decoding=self._decoding_record(task, decoding), created=_now(),
-                    labels=scores[i], evidence=items,
+                    labels=scores[i], matches=matches[i], evidence=items,
                     evidence_methods={evidence_method: EVIDENCE_METHODS[evidence_method]} if items else {},
                     evidence_notes=notes,
                     timings={"answer_s": round(answer_time, 4),
@@ -329,6 +339,8 @@ class HwsiPipeline:
     def _decoding_record(task: str, decoding: Decoding) -> dict[str, Any]:
         if task == "classify":
             return {"mode": "label likelihood", "scoring": "teacher-forced log-likelihood, summed over the label's tokens"}
+        if task == "retrieve":
+            return {"mode": "embedding similarity", "scoring": "cosine of slide and text in the alignment space"}
         record = asdict(decoding)
         record["mode"] = "sampling" if decoding.do_sample else "greedy"
         return record
@@ -378,6 +390,32 @@ class HwsiPipeline:
             scores.append(ranked)
         return answers, scores
 
+    def _similarity(self, batch: dict[str, Tensor], texts: Sequence[str]) -> Tensor:
+        """``(B, T)`` cosine similarity of the batch's slides and ``texts``."""
+        heads = self.model.model.align_heads
+        if heads is None or self.text_encoder is None:
+            raise InputError(
+                "this model cannot retrieve: it has no alignment heads or text tower (train "
+                "stages 1-2 with align_dim set; imported released weights have none)"
+            )
+        hwsi = self.model.model
+        slide_vec = hwsi.aggregate_wsi(batch["region"], batch["region_mask"].bool())
+        slide_emb = heads["wsi"](slide_vec).float()
+        encoded = self.processor.tokenizer(list(texts), padding=True, return_tensors="pt")
+        text_emb = self.text_encoder(encoded["input_ids"].to(self.device),
+                                     encoded["attention_mask"].to(self.device)).float()
+        similarity: Tensor = (slide_emb @ text_emb.T).clamp(-1.0, 1.0)
+        return similarity
+
+    def _match(self, batch: dict[str, Tensor], texts: list[str]) -> tuple[list[str], list[list[TextMatch]]]:
+        similarity = self._similarity(batch, texts)
+        matches = [
+            sorted((TextMatch(text=t, similarity=round(float(v), 6)) for t, v in zip(texts, row, strict=True)),
+                   key=lambda m: -m.similarity)
+            for row in similarity.tolist()
+        ]
+        return [m[0].text for m in matches], matches
+
     @torch.no_grad()
     def retrieve(self, slides: Sequence[SlideFeatures], texts: Sequence[str]) -> RetrievalResult:
         """Cosine similarity of every slide with every text in the alignment space.
@@ -388,20 +426,7 @@ class HwsiPipeline:
         """
         if not slides or not texts:
             raise InputError("retrieval needs at least one slide and one text")
-        heads = self.model.model.align_heads
-        if heads is None or self.text_encoder is None:
-            raise InputError(
-                "this model cannot retrieve: it has no alignment heads or text tower (train "
-                "stages 1-2 with align_dim set; imported released weights have none)"
-            )
-        batch = self.visual_batch(slides)
-        hwsi = self.model.model
-        slide_vec = hwsi.aggregate_wsi(batch["region"], batch["region_mask"].bool())
-        slide_emb = heads["wsi"](slide_vec).float()
-        encoded = self.processor.tokenizer(list(texts), padding=True, return_tensors="pt")
-        text_emb = self.text_encoder(encoded["input_ids"].to(self.device),
-                                     encoded["attention_mask"].to(self.device)).float()
-        similarity = (slide_emb @ text_emb.T).clamp(-1.0, 1.0)
+        similarity = self._similarity(self.visual_batch(slides), texts)
         return RetrievalResult(
             slides=[_slide_info(f)["slide_id"] for f in slides], texts=list(texts),
             similarity=[[round(float(x), 6) for x in row] for row in similarity.tolist()],

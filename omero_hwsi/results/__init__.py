@@ -1,1 +1,1 @@
-"""Result files: QuPath-ready GeoJSON, pictures and (later) reports. Never talks to servers."""
+"""Result files: QuPath-ready GeoJSON, pictures and reports. Never talks to servers."""

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
 from shapely.geometry import box, shape
+from tiny import tiny_model
 
 from omero_hwsi.inference.evidence import EvidenceBudget, explain
 from omero_hwsi.inference.scoring import answer_log_likelihood, split_prompt

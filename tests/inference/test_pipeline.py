@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_model
+from tiny import save_tiny, tiny_model
 from typer.testing import CliRunner
 
 from omero_hwsi.cli import app
@@ -107,6 +107,10 @@ def test_saved_model_loads_and_retrieves(tmp_path, small_store):
     assert len(result.similarity) == 1 and len(result.similarity[0]) == 2
     assert all(-1 <= x <= 1 for x in result.similarity[0])
     assert result.best_texts(0, 1)[0][1] == max(result.similarity[0])
+    single = loaded.ask([small_store], task="retrieve", labels=["invasive carcinoma", "normal tissue"])[0]
+    assert [m.similarity for m in single.matches] == sorted(result.similarity[0], reverse=True)
+    assert single.answer == single.matches[0].text and single.evidence == []
+    assert "no answer likelihood" in single.evidence_notes[0]
 
 
 def test_hwsi_ask_cli(tmp_path, small_store):

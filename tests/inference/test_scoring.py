@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from tiny import tiny_model
 
 from omero_hwsi.inference.scoring import answer_log_likelihood, split_prompt
 from omero_hwsi.model.processing_hwsi import collate_visual, visual_inputs

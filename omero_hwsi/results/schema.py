@@ -20,6 +20,7 @@ __all__ = [
     "EvidenceLevel",
     "EvidenceMethod",
     "LabelScore",
+    "TextMatch",
 ]
 
 EvidenceLevel = Literal["region", "patch", "cell"]
@@ -90,15 +91,30 @@ class LabelScore:
 
 
 @dataclass(frozen=True, slots=True)
+class TextMatch:
+    """A text compared with the slide by ``retrieve``.
+
+    Attributes:
+        text: the candidate text.
+        similarity: cosine similarity of slide and text in the alignment space, in [-1, 1].
+    """
+
+    text: str
+    similarity: float
+
+
+@dataclass(frozen=True, slots=True)
 class AnalysisResult:
     """The answer for one slide, with its provenance and evidence.
 
     Attributes:
         slide: what was analysed: ``slide_id``, ``store`` (feature store path), ``checksum``.
-        task: ``vqa``, ``report``, ``caption`` or ``classify``.
-        question: the prompt given to the model.
-        answer: generated text, or the most likely label for ``classify``.
+        task: ``vqa``, ``report``, ``caption``, ``classify`` or ``retrieve``.
+        question: the prompt given to the model (for ``retrieve``: what was matched).
+        answer: generated text, the most likely label (``classify``) or the closest text
+            (``retrieve``).
         labels: per-label scores for ``classify`` (most likely first), else empty.
+        matches: per-text similarities for ``retrieve`` (closest first), else empty.
         evidence: scored elements, best first within each level.
         evidence_methods: method name -> how its scores were computed, for the methods used.
         evidence_notes: why some depth was not scored (e.g. no nuclei in the top patches).
@@ -117,6 +133,7 @@ class AnalysisResult:
     decoding: dict[str, Any]
     created: str
     labels: list[LabelScore] = field(default_factory=list)
+    matches: list[TextMatch] = field(default_factory=list)
     evidence: list[EvidenceItem] = field(default_factory=list)
     evidence_methods: dict[str, str] = field(default_factory=dict)
     evidence_notes: list[str] = field(default_factory=list)
@@ -132,6 +149,7 @@ class AnalysisResult:
         """Rebuild a result written by :meth:`to_dict`."""
         values = dict(data)
         values["labels"] = [LabelScore(**x) for x in values.get("labels", [])]
+        values["matches"] = [TextMatch(**x) for x in values.get("matches", [])]
         values["evidence"] = [EvidenceItem(**x) for x in values.get("evidence", [])]
         return cls(**values)
 
