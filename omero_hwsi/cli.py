@@ -372,6 +372,40 @@ def analyze(
         typer.echo(str(target))
 
 
+@app.command()
+@_handle_errors
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="Dataset folder to write.")],
+    slides: Annotated[int, typer.Option("--slides", min=1, help="Number of slides.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Dataset seed (same seed, same bytes).")] = 0,
+    split: Annotated[str, typer.Option("--split", help="train (WSI-Bench train JSON) or test "
+                                       "(test JSONL with evidence targets).")] = "test",
+    rows: Annotated[int, typer.Option("--rows", min=1, help="Regions per column.")] = 2,
+    cols: Annotated[int, typer.Option("--cols", min=1, help="Regions per row.")] = 2,
+    mpp: Annotated[float, typer.Option("--mpp", help="Level-0 microns per pixel: 0.5 or 0.25.")] = 0.5,
+) -> None:
+    """Render synthetic slides with known ground truth, questions and per-scale texts.
+
+    Writes slides/*.svs, truth/*.geojson (drag onto the slide in QuPath), train.json or
+    test.jsonl, scale_texts.jsonl, corpus.txt and dataset.json (see docs/synthetic-data.md).
+    Prints one slide path per line.
+    """
+    from omero_hwsi.errors import InputError
+    from omero_hwsi.synthetic.dataset import generate_dataset
+
+    _settings()
+    if split not in ("train", "test"):
+        raise InputError(f"--split must be train or test, got {split!r}")
+    try:
+        with _progress_bar("synth") as progress:
+            manifest = generate_dataset(out, n_slides=slides, seed=seed, split=split,  # type: ignore[arg-type]
+                                        rows=rows, cols=cols, mpp=mpp, progress=progress)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    for slide_id in manifest.slide_ids:
+        typer.echo(str(manifest.slide_path(slide_id)))
+
+
 model_app = typer.Typer(help="Model folders: import released weights.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
