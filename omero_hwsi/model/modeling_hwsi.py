@@ -104,6 +104,9 @@ class ScaleTokens:
         region_tokens, patch_tokens, cell_tokens: projected tokens ``(B, R, D)``,
             ``(B, R, C, D)``, ``(B, R, C, D)``; region tokens without position.
         cell_attention: ``(B, R, C, N)`` CCAF CLS->cell attention when requested.
+        cell_features: ``(B, R, C, D_cell_token)`` the fused cell vector of each patch before
+            projection (CCAF's output, or the precomputed vector); the cell alignment head
+            reads it.
     """
 
     region_features: Tensor
@@ -117,6 +120,7 @@ class ScaleTokens:
     patch_tokens: Tensor
     cell_tokens: Tensor
     cell_attention: Tensor | None = None
+    cell_features: Tensor | None = None
 
 
 @dataclass
@@ -308,6 +312,7 @@ class HwsiModel(HwsiPreTrainedModel):
             patch_tokens=_zero_padding(self.projectors["patch"](patch), patch_mask),
             cell_tokens=_zero_padding(self.projectors["cell"](cells), cell_token_mask),
             cell_attention=cell_attention,
+            cell_features=cells,
         )
 
     def assemble(

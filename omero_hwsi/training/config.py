@@ -82,8 +82,9 @@ class TrainConfig:
         "Stage 0: tokens per training chunk."))
     val_fraction: float = field(default=0.05, metadata=_doc(
         "Share of slides (stage 0: documents) held out for validation, in [0, 1)."))
-    max_cells: int = field(default=64, metadata=_doc(
-        "Most nuclei per patch given to CCAF."))
+    max_cells: int | None = field(default=None, metadata=_doc(
+        "Most nuclei per patch given to CCAF; unset = the model's `max_cells` (set: it becomes "
+        "the model's, so inference reads as many)."))
     feature_cache_slides: int = field(default=0, metadata=_doc(
         "Slides whose features stay in memory (least recently used dropped); 0 = all."))
     # optimisation
@@ -151,7 +152,7 @@ class TrainConfig:
             ("stage", self.stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
             ("max_length", self.max_length >= 2, "must be >= 2"),
             ("val_fraction", 0.0 <= self.val_fraction < 1.0, "must be in [0, 1)"),
-            ("max_cells", self.max_cells >= 1, "must be >= 1"),
+            ("max_cells", self.max_cells is None or self.max_cells >= 1, "must be >= 1"),
             ("feature_cache_slides", self.feature_cache_slides >= 0, "must be >= 0"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),

@@ -137,7 +137,10 @@ def _datasets(
         # A new model records the encoders and grid it learns from; inference then refuses
         # stores made differently.
         hconfig.expected_features = store_signature(next(iter(data.stores.values())))
-    cache = FeatureCache(data.stores, max_cells=config.max_cells, expected=hconfig.expected_features,
+    if config.max_cells is not None:
+        # Inference reads as many nuclei per patch as training did: the model records it.
+        hconfig.max_cells = config.max_cells
+    cache = FeatureCache(data.stores, max_cells=hconfig.max_cells, expected=hconfig.expected_features,
                          dims=(hconfig.region_dim, hconfig.patch_dim, hconfig.cell_dim),
                          capacity=config.feature_cache_slides)
     processor = run.processor if config.stage in (2, 3) else None

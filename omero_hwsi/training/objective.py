@@ -135,34 +135,34 @@ class Objective:
             out = self.model.language_model(**batch.text)
             terms.lm = out.loss
             return terms
+        # One pass over the visual side serves every term: CCAF is the costly part.
+        inputs = {k: batch.visual[k] for k in MODEL_INPUTS if k in batch.visual}
+        scales = self.visual_model.encode_scales(**inputs)
+        visual = self.visual_model.assemble(scales)
         if self.stage in (2, 3) and w_lm > 0:
-            terms.lm = self.model(**batch.text, **batch.visual).loss
-        if w_cons > 0 or w_ctr > 0:
-            inputs = {k: batch.visual[k] for k in MODEL_INPUTS if k in batch.visual}
-            visual = self.visual_model(**inputs)
-            region_mask = batch.visual["region_mask"].bool()
-            patch_mask = batch.visual["patch_mask"].bool() & region_mask[..., None]
-            if w_cons > 0:
-                terms.consistency = consistency_loss(
-                    visual.region_tokens, visual.patch_tokens, patch_mask, visual.cell_tokens,
-                    visual.has_cells, region_mask, form=self.consistency_form,  # type: ignore[arg-type]
-                    wsi=visual.wsi_token,
-                )
-            if w_ctr > 0 and batch.texts is not None:
-                self._contrastive(batch, visual.has_cells, patch_mask, region_mask, terms)
+            embeds = self.model.embed_inputs(batch.text["input_ids"], visual)
+            rest = {k: v for k, v in batch.text.items() if k != "input_ids"}
+            terms.lm = self.model(inputs_embeds=embeds, **rest).loss
+        region_mask = scales.region_mask
+        patch_mask = scales.patch_mask
+        if w_cons > 0:
+            terms.consistency = consistency_loss(
+                visual.region_tokens, visual.patch_tokens, patch_mask, visual.cell_tokens,
+                visual.has_cells, region_mask, form=self.consistency_form,  # type: ignore[arg-type]
+                wsi=visual.wsi_token,
+            )
+        if w_ctr > 0 and batch.texts is not None:
+            self._contrastive(batch, scales, visual.has_cells, terms)
         return terms
 
     # -- contrastive ---------------------------------------------------------------------------
 
-    def _align(self, batch: MicroBatch, patch_mask: Tensor, region_mask: Tensor) -> dict[str, Tensor]:
+    def _align(self, batch: MicroBatch, scales: Any) -> dict[str, Tensor]:
         """Per-scale alignment embeddings of the batch's input features."""
         heads = self.visual_model.align_heads
-        v = batch.visual
-        fused, _, _ = self.visual_model.fuse_cells(v["cell"], v["cell_mask"].bool(), patch_mask,
-                                                   v.get("cell_pos"))
-        region = v["region"].masked_fill(~region_mask[..., None], 0.0)
-        wsi = self.visual_model.aggregate_wsi(region, region_mask)
-        return {"cell": heads["cell"](fused), "patch": heads["patch"](v["patch"]),
+        region = scales.region_features  # padding already zeroed
+        wsi = self.visual_model.aggregate_wsi(region, scales.region_mask)
+        return {"cell": heads["cell"](scales.cell_features), "patch": heads["patch"](batch.visual["patch"]),
                 "region": heads["region"](region), "wsi": heads["wsi"](wsi)}
 
     def _tokenize(self, texts: Sequence[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -191,12 +191,12 @@ class Objective:
                     if col >= 0:
                         pairs["region"].append((b * r_total + int(real[col]), group[s]))
 
-    def _contrastive(self, batch: MicroBatch, has_cells: Tensor, patch_mask: Tensor,
-                     region_mask: Tensor, terms: Terms) -> None:
+    def _contrastive(self, batch: MicroBatch, scales: Any, has_cells: Tensor, terms: Terms) -> None:
         if self.text_encoder is None:
             raise ValueError("the contrastive loss needs a text encoder")
         assert batch.texts is not None
-        emb = self._align(batch, patch_mask, region_mask)
+        region_mask, patch_mask = scales.region_mask, scales.patch_mask
+        emb = self._align(batch, scales)
         pairs: dict[Scale, list[tuple[int, str]]] = {s: list(p) for s, p in batch.texts.pairs.items()}
         if batch.texts.unassigned:
             self._assign(batch.texts, emb["region"], region_mask, pairs)
@@ -205,21 +205,24 @@ class Objective:
         order = [s for s in SCALES if pairs.get(s)]
         if not order:
             return
-        flat = [text for s in order for _, text in pairs[s]]
-        ids, mask = self._tokenize(flat, region_mask.device)
-        text_emb = self.text_encoder(ids, mask)
         visual: dict[str, Tensor] = {}
         text: dict[str, Tensor] = {}
         keep: dict[str, Tensor] = {}
-        start = 0
         for scale in order:
-            n = len(pairs[scale])
+            texts = [t for _, t in pairs[scale]]
+            # Template texts repeat a lot (a word per patch, a phrase per patch): embed each
+            # distinct text once, padded with its own scale (short words are not padded to the
+            # length of a report).
+            distinct = list(dict.fromkeys(texts))
+            ids, mask = self._tokenize(distinct, region_mask.device)
+            row = {t: i for i, t in enumerate(distinct)}
+            index = torch.tensor([row[t] for t in texts], dtype=torch.int64, device=ids.device)
             owner = torch.tensor([o for o, _ in pairs[scale]], dtype=torch.int64, device=ids.device)
-            scale_texts = ScaleTexts(ids[start : start + n], mask[start : start + n], owner)
+            scale_texts = ScaleTexts(ids[index], mask[index], owner)
             rows, usable = scale_texts.pair(emb[scale], masks[scale])
-            usable = _first_of_each([t for _, t in pairs[scale]], usable)
-            visual[scale], text[scale], keep[scale] = rows, text_emb[start : start + n], usable
-            start += n
+            usable = _first_of_each(texts, usable)
+            visual[scale], keep[scale] = rows, usable
+            text[scale] = self.text_encoder(ids, mask)[index]
         if not any(int(k.sum()) >= 2 for k in keep.values()):
             logger.debug("micro-batch without 2 distinct pairs at any scale: no contrastive term")
             return
