@@ -6,14 +6,15 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 EXTRAS ?= worker,qupath,dev
 STAMP := $(VENV)/.installed
-DEMO_SLIDE ?= tests/data/CMU-1-Small-Region.svs
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: help setup services demo test test-fast bench lint typecheck clean
+.PHONY: help setup services demo demo-model test test-fast bench lint typecheck clean
 
 help:
-	@echo "make demo       set up, then tile and extract the embedded demo slide into $(DEMO_OUT)/"
+	@echo "make demo       set up, then analyse a synthetic slide (answers beside ground truth) and the"
+	@echo "                embedded CMU slide with the default model, into $(DEMO_OUT)/"
+	@echo "make demo-model retrain the embedded demo model (about 10 min on 2 cores)"
 	@echo "make test       set up, start local services, run every test (slow ones included)"
 	@echo "make test-fast  the edit loop: tests not marked slow"
 	@echo "make services   install (if missing) and start PostgreSQL, Redis and RabbitMQ"
@@ -35,12 +36,10 @@ services:
 
 demo: setup
 	rm -rf $(DEMO_OUT)
-	mkdir -p $(DEMO_OUT)
-	$(VENV)/bin/hwsi info $(DEMO_SLIDE) | tee $(DEMO_OUT)/info.txt
-	$(VENV)/bin/hwsi extract $(DEMO_SLIDE) --out $(DEMO_OUT)/features
-	HWSI_FEATURE_DIR=$(CURDIR)/$(DEMO_OUT)/features $(VENV)/bin/hwsi tiles $(DEMO_SLIDE) --out $(DEMO_OUT)/tiles
-	@echo "demo output in $(DEMO_OUT)/: features/ (the feature store), tiles/ (open thumbnail.png;"
-	@echo "drag the .geojson files onto $(DEMO_SLIDE) in QuPath)"
+	$(PY) scripts/demo.py --out $(DEMO_OUT)
+
+demo-model: setup
+	$(PY) scripts/train_demo_model.py --work build/demo-recipe --install
 
 test: setup services
 	$(PY) -m pytest $(PYTEST_ARGS)
