@@ -17,7 +17,7 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ __all__ = [
     "DatasetError",
     "InstructionSample",
     "index_stores",
+    "json_objects",
     "match_stores",
     "read_samples",
     "read_wsibench_test",
@@ -208,8 +209,12 @@ def read_wsibench_test(path: str | os.PathLike[str]) -> list[InstructionSample]:
     return _test_lines(file, _read_text(file))
 
 
-def _test_lines(file: Path, text: str) -> list[InstructionSample]:
-    samples: list[InstructionSample] = []
+def json_objects(file: Path, text: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The JSON object on each non-blank line of a JSONL text, with ``"<file>: line <n>"``.
+
+    Raises:
+        DatasetError: a line is not JSON or not an object (named by file and line).
+    """
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -220,6 +225,12 @@ def _test_lines(file: Path, text: str) -> list[InstructionSample]:
             raise DatasetError(f"{where}: not valid JSON ({exc})") from exc
         if not isinstance(record, dict):
             raise DatasetError(f"{where}: expected a JSON object, found {type(record).__name__}")
+        yield where, record
+
+
+def _test_lines(file: Path, text: str) -> list[InstructionSample]:
+    samples: list[InstructionSample] = []
+    for where, record in json_objects(file, text):
         fields: dict[str, str] = {}
         for key in ("question_id", "question", "T-answer", "metadata"):
             value = record.get(key)

@@ -22,7 +22,6 @@ by the training objective.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -36,7 +35,7 @@ import numpy.typing as npt
 
 from omero_hwsi._types import Scale
 from omero_hwsi.slide.hierarchy import parse_hid
-from omero_hwsi.training.data import DatasetError
+from omero_hwsi.training.data import DatasetError, json_objects
 
 __all__ = [
     "BatchTexts",
@@ -119,16 +118,7 @@ def read_scale_texts(path: str | os.PathLike[str]) -> dict[str, SlideTexts]:
     except (OSError, UnicodeDecodeError) as err:
         raise DatasetError(f"{file}: cannot read the scale texts ({err})") from err
     out: dict[str, SlideTexts] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{file}: line {lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DatasetError(f"{where}: not valid JSON ({err})") from err
-        if not isinstance(record, dict):
-            raise DatasetError(f"{where}: expected a JSON object")
+    for where, record in json_objects(file, text):
         unknown = sorted(set(record) - {"slide_id", "wsi", "regions", "patches", "cells"})
         if unknown:
             raise DatasetError(f"{where}: unknown key(s) {', '.join(unknown)}")
