@@ -456,6 +456,75 @@ def train_command(
     typer.echo(str(final))
 
 
+@app.command("evaluate")
+@_handle_errors
+def evaluate_command(
+    benchmark: Annotated[Path, typer.Option("--benchmark", help="WSI-Bench test file (JSONL).")],
+    stores: Annotated[Path, typer.Option("--stores", help="Folder of feature stores, one per "
+                                         "slide (matched by exact slide id).")],
+    model: Annotated[Path, typer.Option("--model", help="Model folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json and "
+                                      "predictions.jsonl.")],
+    ground_truth: Annotated[Path | None, typer.Option("--ground-truth", help="Folder of truth "
+                                                      "GeoJSONs (<slide id>.geojson) for findings "
+                                                      "recall.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate only the first N "
+                                              "slides of the file.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda "
+                                               "when available).")] = None,
+) -> None:
+    """Score a model on a WSI-Bench test file: accuracy (and blind), text metrics, retrieval, pointing.
+
+    Prints a summary table on stderr and the metrics.json path on stdout (docs/evaluation.md).
+    """
+    from rich.table import Table
+
+    from omero_hwsi.evaluation.run import METRICS_FILE, evaluate
+
+    _settings()
+    with _progress_bar("evaluate") as progress:
+        result = evaluate(benchmark, stores, model, ground_truth=ground_truth, out_dir=out,
+                          limit=limit, device=device, progress=progress)
+
+    def num(value: Any, scale: float = 1.0) -> str:
+        return "-" if value is None else f"{value * scale:.3f}"
+
+    table = Table(title=f"{result['n_questions']} questions, {result['n_slides']} slides")
+    for column in ("metric", "n", "value", "blind / chance"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    closed = result["closed"]
+    if closed["n"]:
+        table.add_row("closed accuracy", str(closed["n"]), num(closed["accuracy"]),
+                      f"{num(closed['blind_accuracy'])} / {num(closed['chance'])}")
+        for name, group in closed["by_template"].items():
+            table.add_row(f"  {name}", str(group["n"]), num(group["accuracy"]),
+                          f"{num(group['blind_accuracy'])} / {num(group['chance'])}")
+        if "diagnosis_balanced_accuracy" in closed:
+            table.add_row("diagnosis balanced accuracy", str(closed["by_template"]["diagnosis"]["n"]),
+                          num(closed["diagnosis_balanced_accuracy"]),
+                          f"{num(closed['diagnosis_blind_balanced_accuracy'])} / -")
+    texts = result["open"].get("all")
+    if texts:
+        for key in ("bleu1", "bleu4", "rouge_l", "meteor_exact_stem"):
+            table.add_row(f"open {key}", str(texts["n"]), num(texts[key]), "")
+    findings = result["open"]["findings"]
+    if findings["n"]:
+        table.add_row("report findings recall", str(findings["n"]), num(findings["recall"]), "")
+    retrieval = result["retrieval"]
+    if "skipped" in retrieval:
+        table.add_row("retrieval", "-", "skipped", retrieval["skipped"])
+    else:
+        for k in (1, 5):
+            table.add_row(f"retrieval recall@{k}", str(retrieval["n"]),
+                          num(retrieval[f"recall@{k}"]), f"- / {num(retrieval[f'chance@{k}'])}")
+    pointing = result["pointing_game"]
+    if pointing["n"]:
+        table.add_row("pointing game", str(pointing["n"]), num(pointing["hit_rate"]),
+                      f"- / {num(pointing['chance'])}")
+    stderr.print(table)
+    typer.echo(str(out / METRICS_FILE))
+
+
 @app.command()
 def version() -> None:
     """Print the omero-hwsi version."""
