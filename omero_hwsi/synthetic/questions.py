@@ -189,7 +189,8 @@ def _ids(regions: tuple[RegionTruth, ...]) -> tuple[str, ...]:
 def slide_questions(truth: SlideTruth, balancer: LetterBalancer) -> list[Question]:
     """Every question family that applies to the slide, in :data:`TEMPLATES` order.
 
-    ``location`` needs at least 4 regions and a class that lies in exactly one of them;
+    ``location`` needs at least 4 regions; it is asked for every class that lies in exactly one
+    of them;
     ``nuclear_shape`` needs the slide's only lesion class to be one of the shape pair; ``diagnosis`` needs at most
     one lesion class. The rest always apply.
     """
@@ -223,9 +224,9 @@ def slide_questions(truth: SlideTruth, balancer: LetterBalancer) -> list[Questio
                      listed[:1].upper() + listed[1:] + "."))
 
     if truth.spec.n_regions >= 4:
-        single = [c for c in present if len(truth.regions_of(c)) == 1]
-        if single:
-            name = single[int(rng.integers(len(single)))]
+        # One question per class that lies in exactly one region: "where" is the hardest
+        # family to learn (class and place together), so it gets every example the slide has.
+        for name in (c for c in present if len(truth.regions_of(c)) == 1):
             target = truth.regions_of(name)[0]
             others = [r.location for r in truth.regions if r.index != target.index]
             picked = [others[int(i)] for i in rng.choice(len(others), 3, replace=False)]
