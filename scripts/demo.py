@@ -44,8 +44,9 @@ def main() -> None:
             (out / "synthetic" / "test.jsonl").read_text(encoding="utf-8").splitlines()]
     print(f"\nsynthetic slide {Path(slide).name} (ground truth: {out / 'synthetic' / 'truth'})\n")
     for row in rows:
-        template = row.get("template", row["question_id"])
-        folder = out / "synthetic-analysis" / str(template)
+        # One folder per question: a template can be asked several times about one slide.
+        number = row["question_id"].rsplit("-", 1)[1]
+        folder = out / "synthetic-analysis" / f"{number}-{row.get('template', 'question')}"
         options = [f"{letter}) {text}" for letter, text in OPTION.findall(row["question"])]
         task = "report" if row["metadata"] == "Report" else "classify" if options else "vqa"
         # Multiple choice is scored by option likelihood, as in evaluation; never parsed text.
