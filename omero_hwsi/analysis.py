@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from omero_hwsi.slide.grid import GridSpec
 from omero_hwsi.slide.local import open_slide
 from omero_hwsi.slide.reader import plan_for, read_thumbnail
 
-__all__ = ["DEFAULT_MODEL", "AnalysisRequest", "analyze_slide", "default_model", "output_dirs"]
+__all__ = ["DEFAULT_MODEL", "AnalysisRequest", "analyze_slide", "default_model", "evidence_budget",
+           "output_dirs"]
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "demo"
 """The embedded default model: a small demo model trained on synthetic slides."""
@@ -65,6 +66,13 @@ class AnalysisRequest:
     regions: Path | None = None
     mpp: float | None = None
     decoding: Decoding = field(default_factory=Decoding)
+
+
+def evidence_budget(settings: Settings) -> EvidenceBudget:
+    """The hierarchical evidence budgets from the settings (``HWSI_EVIDENCE_*``)."""
+    return EvidenceBudget(top_regions=settings.evidence_top_regions,
+                          top_patches=settings.evidence_top_patches,
+                          batch_size=settings.evidence_batch_size)
 
 
 def default_model() -> Path:
@@ -164,12 +172,10 @@ def analyze_slide(
     )
     features: SlideFeatures = load_features(extracted.path)
     features_s = time.perf_counter() - started
-    budget = EvidenceBudget(top_regions=settings.evidence_top_regions,
-                            top_patches=settings.evidence_top_patches,
-                            batch_size=settings.evidence_batch_size)
     (result,) = pipeline.ask(
         [features], request.question, task=request.task, labels=list(request.labels) or None,
-        evidence=request.evidence, evidence_method=request.evidence_method, budget=budget,
+        evidence=request.evidence, evidence_method=request.evidence_method,
+        budget=evidence_budget(settings),
         decoding=request.decoding, progress=progress,
     )
     picture, level0_per_px, size = _overview(path, request.mpp, settings.mpp_tolerance)
@@ -178,13 +184,8 @@ def analyze_slide(
                                                            "key")}
     provenance.update(store=str(features.path), features_reused=extracted.already_complete,
                       regions_file=None if request.regions is None else str(request.regions))
-    result = _with_timings(result, timings, time.perf_counter() - started)
+    result = replace(result, timings={**timings, "total_s": round(time.perf_counter() - started, 3)})
     write_analysis_files(result, out_dir, thumbnail=picture, level0_per_px=level0_per_px,
                          slide_size=size, provenance=provenance)
     return result
 
-
-def _with_timings(result: AnalysisResult, timings: dict[str, float], total: float) -> AnalysisResult:
-    values = result.to_dict()
-    values["timings"] = {**timings, "total_s": round(total, 3)}
-    return AnalysisResult.from_dict(values)

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import typer
 from rich.console import Console
@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from omero_hwsi import __version__
 from omero_hwsi._types import ProgressFn
-from omero_hwsi.errors import HwsiError, SlideOpenError
+from omero_hwsi.errors import HwsiError, InputError, SlideOpenError
 from omero_hwsi.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -224,6 +224,21 @@ def tiles(
         typer.echo(str(path))
 
 
+def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A one-line input error when ``value`` is not one of ``allowed``."""
+    if value not in allowed:
+        raise InputError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _check_evidence_options(evidence: str, method: str) -> None:
+    """``--evidence`` and ``--evidence-method``, checked against the evidence vocabulary."""
+    from omero_hwsi.inference.evidence import EvidenceDepth
+    from omero_hwsi.results.schema import EvidenceMethod
+
+    _check_choice("--evidence", evidence, get_args(EvidenceDepth))
+    _check_choice("--evidence-method", method, get_args(EvidenceMethod))
+
+
 @app.command()
 @_handle_errors
 def ask(
@@ -261,15 +276,12 @@ def ask(
     decoding settings. Research use only.
     """
     from omero_hwsi._io import write_json_atomic
-    from omero_hwsi.errors import InputError
+    from omero_hwsi.analysis import evidence_budget
     from omero_hwsi.features.store import load_features
-    from omero_hwsi.inference import Decoding, EvidenceBudget, HwsiPipeline
+    from omero_hwsi.inference import Decoding, HwsiPipeline
 
     settings = _settings()
-    if evidence not in ("region", "patch", "cell", "none"):
-        raise InputError(f"--evidence must be region, patch, cell or none, got {evidence!r}")
-    if evidence_method not in ("occlusion", "grad_x_input", "attention"):
-        raise InputError(f"--evidence-method must be occlusion, grad_x_input or attention, got {evidence_method!r}")
+    _check_evidence_options(evidence, evidence_method)
     if task == "retrieve" and not text:
         raise InputError("retrieve needs at least one --text")
     slides = [load_features(path) for path in store]
@@ -281,9 +293,7 @@ def ask(
         assert text is not None
         payload = pipeline.retrieve(slides, text).to_dict()
     else:
-        budget = EvidenceBudget(top_regions=settings.evidence_top_regions,
-                                top_patches=settings.evidence_top_patches,
-                                batch_size=settings.evidence_batch_size)
+        budget = evidence_budget(settings)
         with _progress_bar("ask") as progress:
             results = pipeline.ask(
                 slides, question, task=task, labels=label, evidence=evidence,  # type: ignore[arg-type]
@@ -338,16 +348,12 @@ def analyze(
     Research use only.
     """
     from omero_hwsi.analysis import AnalysisRequest, analyze_slide, default_model, output_dirs
-    from omero_hwsi.errors import InputError
     from omero_hwsi.inference import Decoding, HwsiPipeline
+    from omero_hwsi.inference.pipeline import Task
 
     settings = _settings()
-    choices = {"--evidence": (evidence, ("region", "patch", "cell", "none")),
-               "--evidence-method": (evidence_method, ("occlusion", "grad_x_input", "attention")),
-               "--task": (task, ("vqa", "report", "caption", "classify", "retrieve"))}
-    for option, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise InputError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+    _check_choice("--task", task, get_args(Task))
+    _check_evidence_options(evidence, evidence_method)
     missing = [str(s) for s in slides if not s.is_file()]
     if missing:
         raise InputError(f"slide file(s) not found: {', '.join(missing)}")
@@ -390,12 +396,10 @@ def synth(
     test.jsonl, scale_texts.jsonl, corpus.txt and dataset.json (see docs/synthetic-data.md).
     Prints one slide path per line.
     """
-    from omero_hwsi.errors import InputError
     from omero_hwsi.synthetic.dataset import generate_dataset
 
     _settings()
-    if split not in ("train", "test"):
-        raise InputError(f"--split must be train or test, got {split!r}")
+    _check_choice("--split", split, ("train", "test"))
     try:
         with _progress_bar("synth") as progress:
             manifest = generate_dataset(out, n_slides=slides, seed=seed, split=split,  # type: ignore[arg-type]

@@ -276,6 +276,8 @@ class HwsiPipeline:
             raise InputError(f"labels are for the classify task, not {task}")
         decoding = decoding or Decoding()
         budget = budget or EvidenceBudget()
+        model = self.model_info()
+        record = self._decoding_record(task, decoding)
         results: list[AnalysisResult] = []
         total = len(slides)
         for start in range(0, total, batch_size):
@@ -307,8 +309,7 @@ class HwsiPipeline:
                                            depth=evidence, method=evidence_method, budget=budget)
                 results.append(AnalysisResult(
                     slide=_slide_info(features), task=task, question=chunk_questions[i],
-                    answer=answers[i], model=self.model_info(),
-                    decoding=self._decoding_record(task, decoding), created=_now(),
+                    answer=answers[i], model=model, decoding=record, created=_now(),
                     labels=scores[i], matches=matches[i], evidence=items,
                     evidence_methods={evidence_method: EVIDENCE_METHODS[evidence_method]} if items else {},
                     evidence_notes=notes,

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from omero_hwsi.errors import CheckpointMismatchError, InputError, ModelFileNotFoundError
+from omero_hwsi.model._json import read_json_object
 from omero_hwsi.model.configuration_hwsi import HwsiConfig
 from omero_hwsi.model.modeling_hwsi import HwsiForConditionalGeneration
 
@@ -168,18 +169,6 @@ def is_official_folder(path: str | os.PathLike[str]) -> bool:
     return folder.is_dir() and (folder / PROJECTOR_CONFIG).is_file()
 
 
-def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelFileNotFoundError(f"{path}: not found; {what}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointMismatchError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise CheckpointMismatchError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _parse_projector_config(data: Mapping[str, Any], *, source: str) -> ProjectorConfig:
     """Validate the fields of a projector config; every problem is named in one line."""
     ints = ("llm_dim", "hidden_dim", "num_query_tokens")
@@ -300,7 +289,7 @@ def _llm_files(folder: Path) -> dict[str, Path]:
             f"{folder}: no model.safetensors or model.safetensors.index.json; the released LLM "
             "ships safetensors weights (other formats are not read)"
         )
-    weight_map = _read_json_object(index, "").get("weight_map")
+    weight_map = read_json_object(index, missing="the index names the shards").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointMismatchError(f"{index}: no weight_map")
     files: dict[str, Path] = {}
@@ -365,10 +354,10 @@ def _read_folder(folder: Path) -> _Released:
         raise ModelFileNotFoundError(f"{folder}: folder not found; download the released weights there first")
     config_path = folder / PROJECTOR_CONFIG
     projector_config = _parse_projector_config(
-        _read_json_object(config_path, "a released MLLM-HWSI folder holds projector_config.json"),
+        read_json_object(config_path, missing="a released MLLM-HWSI folder holds projector_config.json"),
         source=str(config_path),
     )
-    text_config = _read_json_object(folder / "config.json", "the released folder holds the LLM's config.json")
+    text_config = read_json_object(folder / "config.json", missing="the released folder holds the LLM's config.json")
     if not isinstance(text_config.get("model_type"), str) or not isinstance(text_config.get("hidden_size"), int):
         raise CheckpointMismatchError(
             f"{folder / 'config.json'}: not a causal-LM config (needs model_type and hidden_size)"
@@ -824,7 +813,7 @@ def describe_imported(folder: str | os.PathLike[str]) -> str:
     from safetensors import safe_open
 
     path = Path(folder)
-    config = _read_json_object(path / "config.json", "the folder holds no saved model")
+    config = read_json_object(path / "config.json", missing="the folder holds no saved model")
     text = config.get("text_config") or {}
     files = sorted(path.glob("*.safetensors"))
     if not files:

@@ -22,7 +22,6 @@ store), N nuclei per patch, D feature width, T tokens.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,8 @@ import numpy.typing as npt
 import torch
 
 from omero_hwsi._io import write_json_atomic
-from omero_hwsi.errors import CheckpointMismatchError, ModelFileNotFoundError
+from omero_hwsi.errors import ModelFileNotFoundError
+from omero_hwsi.model._json import read_json_object
 from omero_hwsi.model.budget import concat_token_count
 from omero_hwsi.model.compat import check_features
 from omero_hwsi.model.configuration_hwsi import CellFusion, FusionMode, PromptLayout
@@ -614,14 +614,8 @@ class HwsiProcessor:
         config_path = path / PROCESSOR_CONFIG
         if not path.is_dir():
             raise ModelFileNotFoundError(f"{path}: processor folder not found; pass the folder save_pretrained wrote")
-        if not config_path.is_file():
-            raise ModelFileNotFoundError(f"{config_path}: not found; the folder holds no saved HwsiProcessor")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointMismatchError(f"{config_path}: not valid JSON ({err}); save the processor again") from err
-        if not isinstance(config, dict):
-            raise CheckpointMismatchError(f"{config_path}: expected a JSON object; save the processor again")
+        config = read_json_object(config_path, missing="the folder holds no saved HwsiProcessor",
+                                  fix="save the processor again")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as err:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy.typing as npt
 
 from omero_hwsi.errors import FeatureStoreError
-from omero_hwsi.training.data import DatasetError
+from omero_hwsi.training.data import DatasetError, validation_count
 
 __all__ = [
     "FeatureCache",
@@ -127,11 +127,7 @@ def split_documents(
     """Hold out whole documents for validation (a chunk never straddles the split)."""
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
-    n_val = round(validation_fraction * len(order))
-    if validation_fraction > 0 and len(order) >= 2:
-        n_val = max(n_val, 1)
-    n_val = min(n_val, max(len(order) - 1, 0))
-    held = set(order[:n_val])
+    held = set(order[: validation_count(len(order), validation_fraction)])
     train = [d for i, d in enumerate(documents) if i not in held]
     val = [d for i, d in enumerate(documents) if i in held]
     return train, val

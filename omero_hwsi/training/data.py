@@ -35,6 +35,7 @@ __all__ = [
     "read_wsibench_train",
     "slide_id_from_name",
     "split_by_slide",
+    "validation_count",
 ]
 
 logger = logging.getLogger(__name__)
@@ -363,6 +364,18 @@ def match_stores(
     return {slide_id: index[slide_id] for slide_id in sorted(counts)}
 
 
+def validation_count(total: int, fraction: float) -> int:
+    """How many of ``total`` items (slides, documents) to hold out for ``fraction``.
+
+    At least one when validation is asked for and there are two or more, and never all: a
+    split must leave something to train on.
+    """
+    n_val = round(fraction * total)
+    if fraction > 0 and total >= 2:
+        n_val = max(n_val, 1)
+    return min(n_val, max(total - 1, 0))
+
+
 def split_by_slide(
     samples: Sequence[InstructionSample], *, validation_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[InstructionSample], list[InstructionSample]]:
@@ -389,11 +402,7 @@ def split_by_slide(
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     slide_ids = sorted({sample.slide_id for sample in samples})
     random.Random(seed).shuffle(slide_ids)
-    n_val = round(validation_fraction * len(slide_ids))
-    if validation_fraction > 0 and len(slide_ids) >= 2:
-        n_val = max(n_val, 1)
-    n_val = min(n_val, max(len(slide_ids) - 1, 0))
-    held_out = set(slide_ids[:n_val])
+    held_out = set(slide_ids[: validation_count(len(slide_ids), validation_fraction)])
     train = [s for s in samples if s.slide_id not in held_out]
     validation = [s for s in samples if s.slide_id in held_out]
     return train, validation
