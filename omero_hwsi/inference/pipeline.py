@@ -212,6 +212,7 @@ class HwsiPipeline:
             "cell_fusion": config.cell_fusion,
             "region_position_encoding": config.region_position_encoding,
             "wsi_aggregator": config.wsi_aggregator,
+            "visual_scales": list(config.scales),
             "prompt_layout": self.processor.prompt_layout,
             "expected_features": config.expected_features,
             "parameters": sum(p.numel() for p in self.model.parameters()),

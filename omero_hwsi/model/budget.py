@@ -8,6 +8,9 @@ rank order, interleaved across regions (rank 0 of every region, then rank 1, ...
 budget spreads detail over the whole slide instead of exhausting the first region. When one
 slot is left, the patch token goes in without its cell token. A slide whose regions alone
 exceed the budget is refused: silently dropping regions would hide tissue from the model.
+
+A model may read fewer scales (``visual_scales``, e.g. the WSI-only arm of the scale ablation):
+the tokens of a scale it does not read are never placed and take no budget.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from torch import Tensor
 
 from omero_hwsi.errors import InputError
 
-__all__ = ["TokenBudgetError", "concat_token_count", "select_concat_tokens"]
+__all__ = ["ALL_SCALES", "TokenBudgetError", "concat_token_count", "select_concat_tokens"]
+
+ALL_SCALES: tuple[str, ...] = ("cell", "patch", "region", "wsi")
+"""The four scales, in concat sequence order."""
 
 
 class TokenBudgetError(InputError):
@@ -25,7 +31,8 @@ class TokenBudgetError(InputError):
 
 
 def select_concat_tokens(
-    region_mask: Tensor, patch_mask: Tensor, cell_present: Tensor, budget: int
+    region_mask: Tensor, patch_mask: Tensor, cell_present: Tensor, budget: int,
+    scales: tuple[str, ...] = ALL_SCALES,
 ) -> tuple[Tensor, Tensor]:
     """Choose the patch and cell tokens that fit in ``budget`` visual tokens.
 
@@ -35,6 +42,8 @@ def select_concat_tokens(
         cell_present: ``(B, R, C)`` bool, patches that get a cell token (every real patch
             does: an empty patch's token is the learned "no cells" token).
         budget: total visual tokens allowed per slide.
+        scales: the scales the model reads; a patch or cell token of an unread scale is
+            never kept, and region tokens count against the budget only when read.
 
     Returns:
         ``keep_patch`` and ``keep_cell``, both ``(B, R, C)`` bool.
@@ -45,9 +54,10 @@ def select_concat_tokens(
     batch, regions, slots = patch_mask.shape
     keep_patch = torch.zeros_like(patch_mask)
     keep_cell = torch.zeros_like(patch_mask)
+    use_patch, use_cell = "patch" in scales, "cell" in scales
     for b in range(batch):
         n_regions = int(region_mask[b].sum())
-        left = budget - n_regions - 1
+        left = budget - (n_regions if "region" in scales else 0) - 1
         if left < 0:
             raise TokenBudgetError(
                 f"{n_regions} regions need {n_regions + 1} visual tokens but the budget is "
@@ -61,18 +71,22 @@ def select_concat_tokens(
                     break
                 if not real[r, c]:
                     continue
-                keep_patch[b, r, c] = True
-                left -= 1
-                if left > 0 and cell_present[b, r, c]:
+                if use_patch:
+                    keep_patch[b, r, c] = True
+                    left -= 1
+                if use_cell and left > 0 and cell_present[b, r, c]:
                     keep_cell[b, r, c] = True
                     left -= 1
     return keep_patch, keep_cell
 
 
 def concat_token_count(
-    region_mask: Tensor, patch_mask: Tensor, cell_present: Tensor, budget: int
+    region_mask: Tensor, patch_mask: Tensor, cell_present: Tensor, budget: int,
+    scales: tuple[str, ...] = ALL_SCALES,
 ) -> list[int]:
     """Visual tokens per slide under :func:`select_concat_tokens`."""
-    keep_patch, keep_cell = select_concat_tokens(region_mask, patch_mask, cell_present, budget)
-    per_slide = region_mask.sum(dim=1) + 1 + keep_patch.sum(dim=(1, 2)) + keep_cell.sum(dim=(1, 2))
+    keep_patch, keep_cell = select_concat_tokens(region_mask, patch_mask, cell_present, budget,
+                                                 scales)
+    regions = region_mask.sum(dim=1) * int("region" in scales)
+    per_slide = regions + 1 + keep_patch.sum(dim=(1, 2)) + keep_cell.sum(dim=(1, 2))
     return [int(n) for n in per_slide]

@@ -13,6 +13,8 @@ from typing import Any, Literal, get_args
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from omero_hwsi.model.budget import ALL_SCALES
+
 __all__ = [
     "CellFusion",
     "FusionMode",
@@ -54,6 +56,9 @@ class HwsiConfig(PreTrainedConfig):
         align_dim: width of the contrastive alignment space (None: no alignment heads, as in
             imported released weights).
         expected_features: encoder ids/versions/dims and grid parameters the model expects.
+        visual_scales: the scales whose tokens the LLM reads in ``concat`` fusion, a subset of
+            ``cell, patch, region, wsi`` that holds ``wsi`` (None: all four). Fewer scales are
+            for the scale ablation (``bench/ablation.py``), as in the paper's Table 1.
     """
 
     model_type = "mllm_hwsi"
@@ -85,6 +90,7 @@ class HwsiConfig(PreTrainedConfig):
     prompt_layout: str = "hwsi"
     align_dim: int | None = 256
     expected_features: dict[str, Any] | None = None
+    visual_scales: list[str] | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -101,6 +107,17 @@ class HwsiConfig(PreTrainedConfig):
                 raise ValueError(
                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
+        if self.visual_scales is not None:
+            scales = list(self.visual_scales)
+            unknown = [x for x in scales if x not in ALL_SCALES]
+            if unknown or "wsi" not in scales or len(set(scales)) != len(scales):
+                raise ValueError(
+                    f"visual_scales must be distinct names among {', '.join(ALL_SCALES)} and "
+                    f"include wsi, got {scales}"
+                )
+            if self.fusion_mode != "concat" and set(scales) != set(ALL_SCALES):
+                raise ValueError("visual_scales other than all four need fusion_mode 'concat'")
+            self.visual_scales = [x for x in ALL_SCALES if x in scales]
         positive = ("wsi_dim", "region_dim", "patch_dim", "cell_dim", "projector_hidden",
                     "num_queries", "resampler_heads", "token_budget", "ccaf_layers",
                     "ccaf_heads", "max_cells")
@@ -127,6 +144,11 @@ class HwsiConfig(PreTrainedConfig):
         """Width D of the visual tokens: the LLM's hidden size."""
         text = self.get_text_config(decoder=True)
         return int(text.hidden_size)
+
+    @property
+    def scales(self) -> tuple[str, ...]:
+        """The scales the LLM reads, in sequence order (all four unless ``visual_scales``)."""
+        return ALL_SCALES if self.visual_scales is None else tuple(self.visual_scales)
 
     @property
     def ccaf_width(self) -> int:

@@ -403,9 +403,11 @@ class HwsiModel(HwsiPreTrainedModel):
         patch_mask: Tensor, cell_tok: Tensor, cell_mask: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``[cells | patches | regions | WSI]`` per slide within the token budget, padded."""
+        scales = self.config.scales
         keep_patch, keep_cell = select_concat_tokens(
-            region_mask, patch_mask, cell_mask, self.config.token_budget
+            region_mask, patch_mask, cell_mask, self.config.token_budget, scales
         )
+        keep_region = region_mask & ("region" in scales)
         b, r, c, d = patch_tok.shape
         device = patch_tok.device
         rr, cc = torch.meshgrid(torch.arange(r, device=device), torch.arange(c, device=device),
@@ -414,11 +416,11 @@ class HwsiModel(HwsiPreTrainedModel):
         references: list[Tensor] = []
         for i in range(b):
             parts = [cell_tok[i][keep_cell[i]], patch_tok[i][keep_patch[i]],
-                     region_tok[i][region_mask[i]], wsi_tok[i][None]]
+                     region_tok[i][keep_region[i]], wsi_tok[i][None]]
             ref = [
                 _refs(SCALE_CODES["cell"], rr[keep_cell[i]], cc[keep_cell[i]]),
                 _refs(SCALE_CODES["patch"], rr[keep_patch[i]], cc[keep_patch[i]]),
-                _refs(SCALE_CODES["region"], torch.nonzero(region_mask[i])[:, 0], None),
+                _refs(SCALE_CODES["region"], torch.nonzero(keep_region[i])[:, 0], None),
                 _refs(SCALE_CODES["wsi"], torch.full((1,), -1, device=device), None),
             ]
             sequences.append(torch.cat(parts))

@@ -35,7 +35,7 @@ import torch
 from omero_hwsi._io import write_json_atomic
 from omero_hwsi.errors import ModelFileNotFoundError
 from omero_hwsi.model._json import read_json_object
-from omero_hwsi.model.budget import concat_token_count
+from omero_hwsi.model.budget import ALL_SCALES, concat_token_count
 from omero_hwsi.model.compat import check_features
 from omero_hwsi.model.configuration_hwsi import CellFusion, FusionMode, PromptLayout
 
@@ -299,7 +299,7 @@ class HwsiProcessor:
     # are informational).
     _CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset({
         "prompt_layout", "fusion_mode", "num_queries", "token_budget", "system_prompt",
-        "visual_start_token", "visual_end_token", "visual_token",
+        "visual_start_token", "visual_end_token", "visual_token", "visual_scales",
     })
 
     def __init__(
@@ -314,6 +314,7 @@ class HwsiProcessor:
         visual_start_token: str = "<hwsi_start>",
         visual_end_token: str = "<hwsi_end>",
         visual_token: str = "<hwsi_visual>",
+        visual_scales: Sequence[str] | None = None,
     ) -> None:
         """Wrap ``tokenizer``; for layout ``hwsi`` add the marker tokens to it (in place).
 
@@ -332,6 +333,8 @@ class HwsiProcessor:
             visual_start_token: marker before the visual tokens (layout ``hwsi``).
             visual_end_token: marker after the visual tokens (layout ``hwsi``).
             visual_token: marker expanded into the placeholders (layout ``hwsi``).
+            visual_scales: the scales the model reads in ``concat`` mode (None: all four);
+                the model config's ``visual_scales``.
 
         Raises:
             ValueError: an unknown layout or fusion mode, non-positive sizes, a tokenizer with
@@ -357,6 +360,7 @@ class HwsiProcessor:
         self.fusion_mode: FusionMode = fusion_mode
         self.num_queries = num_queries
         self.token_budget = token_budget
+        self.visual_scales = None if visual_scales is None else tuple(visual_scales)
         default = HWSI_SYSTEM_PROMPT if prompt_layout == "hwsi" else RELEASED_SYSTEM_PROMPT
         self.system_prompt = default if system_prompt is None else system_prompt
         self.visual_start_token = visual_start_token
@@ -411,7 +415,8 @@ class HwsiProcessor:
         if self.fusion_mode == "resampler":
             return [self.num_queries] * int(region_mask.shape[0])
         patch_mask = visual["patch_mask"]
-        return concat_token_count(region_mask, patch_mask, patch_mask, self.token_budget)
+        return concat_token_count(region_mask, patch_mask, patch_mask, self.token_budget,
+                                  self.visual_scales or ALL_SCALES)
 
     def _messages(self, question: str, answer: str | None) -> list[dict[str, str]]:
         if self.prompt_layout == "hwsi":
@@ -579,6 +584,7 @@ class HwsiProcessor:
             "visual_start_token": self.visual_start_token,
             "visual_end_token": self.visual_end_token,
             "visual_token": self.visual_token,
+            "visual_scales": None if self.visual_scales is None else list(self.visual_scales),
         }
 
     @classmethod
@@ -590,7 +596,8 @@ class HwsiProcessor:
         """
         return cls(tokenizer, prompt_layout=config.prompt_layout,  # type: ignore[arg-type]
                    fusion_mode=config.fusion_mode,  # type: ignore[arg-type]
-                   num_queries=config.num_queries, token_budget=config.token_budget)
+                   num_queries=config.num_queries, token_budget=config.token_budget,
+                   visual_scales=config.visual_scales)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write the tokenizer (with its chat template and markers) and ``processor_config.json``."""

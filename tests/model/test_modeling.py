@@ -124,6 +124,39 @@ def test_concat_tokens_point_at_their_hierarchy_elements(cmu_visual):
     assert cell_refs[:, 2].tolist() == list(range(9))
 
 
+@pytest.mark.parametrize(
+    ("scales", "codes"),
+    [(["wsi"], {"wsi"}), (["region", "wsi"], {"region", "wsi"}),
+     (["patch", "region", "wsi"], {"patch", "region", "wsi"})],
+)
+def test_a_model_reading_fewer_scales_places_only_their_tokens(cmu_visual, tmp_path, scales, codes):
+    features, visual = cmu_visual
+    model, _ = make(token_budget=40, visual_scales=scales)
+    processor = HwsiProcessor.for_config(tiny_tokenizer(), model.config)
+    inputs = collate_visual([visual])
+    out = model.model(**inputs)
+    refs = out.token_refs[0][out.visual_mask[0]]
+    names = {name for name, code in SCALE_CODES.items() if code in set(refs[:, 0].tolist())}
+    assert names == codes
+    regions = len(features.region_index)
+    expected = 1 + regions * ("region" in codes) + min(16, 40 - 1 - regions) * ("patch" in codes)
+    assert refs.shape[0] == expected == processor.num_visual_tokens(inputs)[0]
+    assert torch.isfinite(model(**processor(["Is there tumour?"], inputs, ["No."])).loss)
+    processor.save_pretrained(tmp_path)  # the processor keeps the model's scales across saves
+    assert HwsiProcessor.from_pretrained(tmp_path).visual_scales == tuple(scales)
+
+
+def test_visual_scales_must_name_known_scales_and_keep_the_slide_token():
+    with pytest.raises(ValueError, match="include wsi"):
+        HwsiConfig(text_config=tiny_text_config(), visual_scales=["cell", "patch"])
+    with pytest.raises(ValueError, match="include wsi"):
+        HwsiConfig(text_config=tiny_text_config(), visual_scales=["wsi", "nucleus"])
+    with pytest.raises(ValueError, match="concat"):
+        HwsiConfig(text_config=tiny_text_config(), fusion_mode="resampler", visual_scales=["wsi"])
+    config = HwsiConfig(text_config=tiny_text_config(), visual_scales=["wsi", "cell"])
+    assert config.scales == ("cell", "wsi")
+
+
 def test_budget_smaller_than_the_regions_is_refused(cmu_visual):
     _, visual = cmu_visual
     model, processor = make(token_budget=1)
