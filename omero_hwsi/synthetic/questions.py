@@ -18,8 +18,8 @@ template            metadata        kind      needs
 Closed questions are multiple choice, options inline (``"... A) x B) y"``) and the answer
 ``"B) y"``. :class:`LetterBalancer` puts the correct option at each letter equally often per
 template over a dataset (within one), so always answering "A" scores exactly chance.
-Questions about a place carry an ``evidence_target``: the region ids and tissue outlines the
-answer rests on.
+Localisable questions (the finding in exactly one region of a slide of at least 4) carry an
+``evidence_target``: the region id and tissue outline the answer rests on.
 """
 
 from __future__ import annotations
@@ -258,8 +258,13 @@ def slide_questions(truth: SlideTruth, balancer: LetterBalancer) -> list[Questio
 
 
 def evidence_target(question: Question, truth: SlideTruth) -> dict[str, Any] | None:
-    """``{"region_ids": [...], "polygons": [GeoJSON geometry, ...]}`` or None if not local."""
-    if not question.regions:
+    """``{"region_ids": [id], "polygons": [GeoJSON geometry]}``, or None if not localisable.
+
+    A question is localisable when its finding lies in exactly one region of a slide of at
+    least 4 regions: then one region is right and the pointing game's chance is at most 1/4.
+    A finding spread over several regions (a lesion in two) has no single place to point at.
+    """
+    if len(question.regions) != 1 or truth.spec.n_regions < 4:
         return None
     by_id = {r.hid: r for r in truth.regions}
     regions = [by_id[hid] for hid in question.regions]
