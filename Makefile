@@ -56,7 +56,7 @@ lint: setup
 	$(VENV)/bin/ruff check omero_hwsi qupath_bridge tests bench
 
 typecheck: setup
-	$(VENV)/bin/mypy omero_hwsi
+	$(VENV)/bin/mypy omero_hwsi qupath_bridge
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache bench/output

@@ -28,10 +28,10 @@ from omero_hwsi.inference.pipeline import Decoding, HwsiPipeline, Task
 from omero_hwsi.results.analysis_files import write_analysis_files
 from omero_hwsi.results.schema import AnalysisResult, EvidenceMethod
 from omero_hwsi.settings import Settings
-from omero_hwsi.slide.annotations import read_region_geometry
 from omero_hwsi.slide.grid import GridSpec
 from omero_hwsi.slide.local import open_slide
 from omero_hwsi.slide.reader import plan_for, read_thumbnail
+from qupath_bridge.geojson import ReadOptions, read_regions
 
 __all__ = ["DEFAULT_MODEL", "AnalysisRequest", "analyze_slide", "default_model", "evidence_budget",
            "output_dirs"]
@@ -163,7 +163,8 @@ def analyze_slide(
     """
     path = Path(slide)
     started = time.perf_counter()
-    restrict = read_region_geometry(request.regions) if request.regions is not None else None
+    restrict = (read_regions(request.regions, options=ReadOptions.from_settings(settings))
+                if request.regions is not None else None)
     grid = _grid(pipeline, settings)
     extracted = extract_slide(
         path, settings.features_path, grid=grid, config=_extraction(pipeline, settings),

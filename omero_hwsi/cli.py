@@ -12,18 +12,26 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from omero_hwsi import __version__
 from omero_hwsi._types import ProgressFn
 from omero_hwsi.errors import HwsiError, InputError, SlideOpenError
 from omero_hwsi.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from shapely.geometry.base import BaseGeometry
+
+    from qupath_bridge.geojson import ReadOptions
+    from qupath_bridge.project import ExportedResult
 
 app = typer.Typer(
     name="hwsi",
@@ -49,7 +57,9 @@ def _handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except HwsiError as err:
-            stderr.print(f"[red]error:[/red] {err}", markup=True, highlight=False, soft_wrap=True)
+            # escaped: messages hold user text such as [#IMAGE_NAME] that rich would eat as markup
+            stderr.print(f"[red]error:[/red] {escape(str(err))}", markup=True, highlight=False,
+                         soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -313,10 +323,76 @@ def ask(
         typer.echo(json.dumps(payload, indent=2))
 
 
+QUPATH_REGIONS_FILE = "qupath-regions.geojson"
+"""With --regions-from-annotations: the regions of a project image, written beside its result."""
+
+
+@dataclass(frozen=True, slots=True)
+class _AnalysisSlide:
+    """One slide for ``hwsi analyze``: a file as given, or an image of a QuPath project."""
+
+    path: Path
+    label: str
+    project: Path | None = None
+    image: str | None = None
+    regions: BaseGeometry | None = None
+
+
+def _check_qupath_options(has_project: bool, from_annotations: bool, classes: list[str],
+                          write_back: bool, regions: Path | None) -> None:
+    """Options that only mean something for qupath: sources, refused in one line otherwise."""
+    given = [name for name, on in (("--regions-from-annotations", from_annotations),
+                                   ("--class", bool(classes)), ("--write-back", write_back)) if on]
+    if given and not has_project:
+        raise InputError(f"{', '.join(given)}: only for QuPath project sources "
+                         "(qupath:PROJECT_DIR[#IMAGE_NAME])")
+    if classes and not from_annotations:
+        raise InputError("--class selects the annotations of --regions-from-annotations; add it")
+    if from_annotations and regions is not None:
+        raise InputError("give either --regions FILE or --regions-from-annotations, not both")
+
+
+def _analysis_slides(sources: list[str], *, from_annotations: bool, classes: list[str],
+                     write_back: bool, regions: Path | None,
+                     options: ReadOptions) -> list[_AnalysisSlide]:
+    """The slides the sources stand for; arguments are checked before QuPath is started."""
+    from qupath_bridge.project import parse_source, project_regions, source_images
+
+    parsed = [(text, parse_source(text)) for text in sources]
+    _check_qupath_options(any(source for _, source in parsed), from_annotations, classes,
+                          write_back, regions)
+    missing = [text for text, source in parsed if source is None and not Path(text).is_file()]
+    if missing:
+        raise InputError(f"slide file(s) not found: {', '.join(missing)}")
+    slides: list[_AnalysisSlide] = []
+    for text, source in parsed:
+        if source is None:
+            slides.append(_AnalysisSlide(Path(text), Path(text).name))
+            continue
+        for image in source_images(source):
+            assert image.path is not None  # source_images only returns local files
+            area = (project_regions(source.project, image.name, classes or None, options=options)
+                    if from_annotations else None)
+            slides.append(_AnalysisSlide(image.path, image.name, source.project, image.name, area))
+    return slides
+
+
+def _describe_export(exported: ExportedResult) -> str:
+    """One line on what an export into a QuPath project did."""
+    image = exported.image.name + (" (added to the project)" if exported.image_added else "")
+    if exported.kept:
+        return f"{exported.result_dir}: {image}: kept its {exported.kept} earlier object(s)"
+    counts = ", ".join(f"{n} {kind}(s)" for kind, n in exported.added.items()) or "no objects"
+    replaced = f", replacing {exported.replaced} earlier" if exported.replaced else ""
+    return f"{exported.result_dir}: {image}: {counts}{replaced}"
+
+
 @app.command()
 @_handle_errors
 def analyze(
-    slides: Annotated[list[Path], typer.Argument(help="Slide files.")],
+    slides: Annotated[list[str], typer.Argument(help="Slide files, or qupath:PROJECT_DIR for "
+                                                "every image of a QuPath project, "
+                                                "qupath:PROJECT_DIR#IMAGE_NAME for one.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the result files (one slide), or "
                                       "for one sub-folder per slide.")],
     task: Annotated[str, typer.Option("--task", help="vqa, report, caption, classify or "
@@ -332,6 +408,14 @@ def analyze(
                                                  "(approximate).")] = "occlusion",
     regions: Annotated[Path | None, typer.Option("--regions", help="GeoJSON of areas to analyse "
                                                  "(e.g. a QuPath export); default: all tissue.")] = None,
+    regions_from_annotations: Annotated[bool, typer.Option(
+        "--regions-from-annotations", help="qupath: sources: analyse only the areas annotated on "
+        "each image.")] = False,
+    classes: Annotated[list[str] | None, typer.Option(
+        "--class", help="With --regions-from-annotations: only annotations of this class "
+        "(repeat).")] = None,
+    write_back: Annotated[bool, typer.Option("--write-back", help="qupath: sources: add the "
+                                             "evidence to each image in the project.")] = False,
     model: Annotated[Path | None, typer.Option("--model", help="Model folder (default: the "
                                                "embedded demo model).")] = None,
     mpp: MppOption = None,
@@ -345,19 +429,23 @@ def analyze(
 
     Per slide: result.json, evidence.geojson (drag onto the slide in QuPath), report.md,
     report.html (self-contained) and overlay.png. Prints each output folder on stdout.
+    QuPath project sources need a QuPath install (PAQUO_QUPATH_DIR; docs/qupath.md).
     Research use only.
     """
     from omero_hwsi.analysis import AnalysisRequest, analyze_slide, default_model, output_dirs
     from omero_hwsi.inference import Decoding, HwsiPipeline
     from omero_hwsi.inference.pipeline import Task
+    from qupath_bridge.geojson import ReadOptions, write_regions
+    from qupath_bridge.project import add_evidence
 
     settings = _settings()
     _check_choice("--task", task, get_args(Task))
     _check_evidence_options(evidence, evidence_method)
-    missing = [str(s) for s in slides if not s.is_file()]
-    if missing:
-        raise InputError(f"slide file(s) not found: {', '.join(missing)}")
-    targets = output_dirs(slides, out)
+    options = ReadOptions.from_settings(settings)
+    items = _analysis_slides(slides, from_annotations=regions_from_annotations,
+                             classes=classes or [], write_back=write_back, regions=regions,
+                             options=options)
+    targets = output_dirs([item.path for item in items], out)
     request = AnalysisRequest(
         task=task,  # type: ignore[arg-type]
         question=question,
@@ -368,13 +456,22 @@ def analyze(
         decoding=Decoding(max_new_tokens=max_new_tokens, do_sample=seed is not None, seed=seed),
     )
     pipeline = HwsiPipeline.from_pretrained(model or default_model(), device=device)
-    for slide, target in zip(slides, targets, strict=True):
-        with _progress_bar(slide.name) as progress:
-            result = analyze_slide(slide, target, pipeline=pipeline, request=request,
+    for item, target in zip(items, targets, strict=True):
+        slide_request = request
+        if item.regions is not None:
+            write_regions(item.regions, target / QUPATH_REGIONS_FILE)
+            slide_request = replace(request, regions=target / QUPATH_REGIONS_FILE)
+        with _progress_bar(item.label) as progress:
+            result = analyze_slide(item.path, target, pipeline=pipeline, request=slide_request,
                                    settings=settings, progress=progress)
         best = result.top("region", 1)
         where = f"; strongest region {best[0].id} ({best[0].score:+.3f})" if best else ""
-        stderr.print(f"{slide.name}: {result.answer}{where}", highlight=False, soft_wrap=True)
+        stderr.print(f"{item.label}: {result.answer}{where}", markup=False, highlight=False,
+                     soft_wrap=True)
+        if write_back and item.project is not None and item.image is not None:
+            exported = add_evidence(item.project, item.image, target, options=options)
+            stderr.print(_describe_export(exported), markup=False, highlight=False,
+                         soft_wrap=True)
         typer.echo(str(target))
 
 
@@ -431,6 +528,82 @@ def model_import_official(
     path = import_official(folder, out)
     stderr.print(describe_imported(path), highlight=False, soft_wrap=True)
     typer.echo(str(path))
+
+
+qupath_app = typer.Typer(help="QuPath files and projects: read what pathologists drew, add "
+                         "results.", no_args_is_help=True)
+app.add_typer(qupath_app, name="qupath")
+
+
+def _read_qupath_regions(source: Path, image: str | None, classes: list[str] | None,
+                         options: ReadOptions) -> BaseGeometry:
+    """The analysis regions of a QuPath GeoJSON file, or of one image of a QuPath project."""
+    from qupath_bridge.geojson import read_regions
+    from qupath_bridge.project import is_project, project_regions
+
+    if is_project(source):
+        if image is None:
+            raise InputError(f"{source}: a QuPath project needs --image NAME, the image whose "
+                             "annotations to read")
+        return project_regions(source, image, classes, options=options)
+    if image is not None:
+        raise InputError("--image applies to QuPath projects only")
+    return read_regions(source, classes, options=options)
+
+
+@qupath_app.command("regions")
+@_handle_errors
+def qupath_regions(
+    source: Annotated[Path, typer.Argument(help="QuPath GeoJSON export (FeatureCollection, "
+                                           "array of features or one feature), or a QuPath "
+                                           "project (folder or .qpproj, with --image).")],
+    out: Annotated[Path, typer.Option("--out", help="GeoJSON file to write (level-0 px).")],
+    classes: Annotated[list[str] | None, typer.Option("--class", help="Keep only annotations "
+                                                      "of this QuPath class (repeat); default: "
+                                                      "every annotation.")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="Image name inside a QuPath "
+                                              "project (projects only).")] = None,
+) -> None:
+    """Write the analysis regions of a QuPath export or project image: its annotation areas.
+
+    The output is a FeatureCollection of QuPath annotations (one per polygon, level-0 px) for
+    `hwsi analyze --regions` or to drag back onto the slide in QuPath. Prints the written path.
+    """
+    from qupath_bridge.geojson import ReadOptions, write_regions
+
+    settings = _settings()
+    geometry = _read_qupath_regions(source, image, classes, ReadOptions.from_settings(settings))
+    count = write_regions(geometry, out)
+    stderr.print(f"{source.name}: {count} region polygon(s), {geometry.area:.0f} px^2",
+                 highlight=False, soft_wrap=True)
+    typer.echo(str(out))
+
+
+@qupath_app.command("export")
+@_handle_errors
+def qupath_export(
+    results: Annotated[list[Path], typer.Argument(help="Result folders of hwsi analyze.")],
+    project: Annotated[Path, typer.Option("--project", help="QuPath project folder (created "
+                                          "when new or empty).")],
+    keep_existing: Annotated[bool, typer.Option("--keep-existing", help="Leave the objects of "
+                                                "an analysis already in the project as they are "
+                                                "(default: replace them).")] = False,
+) -> None:
+    """Add analysis results to a QuPath project: each slide as an image, its evidence as objects.
+
+    Regions become annotations, patches tiles, nuclei detections, with classes, colours and
+    measurements. Needs a QuPath install (PAQUO_QUPATH_DIR; paquo 0.9 supports QuPath 0.2 to
+    0.6) and the slides at the paths in result.json. Prints the project file.
+    """
+    from qupath_bridge.geojson import ReadOptions
+    from qupath_bridge.project import export_results, project_file
+
+    settings = _settings()
+    exported = export_results(results, project, overwrite_evidence=not keep_existing,
+                              options=ReadOptions.from_settings(settings))
+    for item in exported:
+        stderr.print(_describe_export(item), markup=False, highlight=False, soft_wrap=True)
+    typer.echo(str(project_file(project)))
 
 
 @app.command("train")

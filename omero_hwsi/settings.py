@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omero_hwsi.errors import ConfigError
 
@@ -73,6 +73,14 @@ class Settings:
         "Evidence: masked variants scored per forward pass of the language model."))
     log_level: str = field(default="WARNING", metadata=_doc(
         "Python logging level for the CLI (DEBUG, INFO, WARNING, ERROR)."))
+    qupath_invalid_geometry: Literal["repair", "refuse"] = field(default="repair", metadata=_doc(
+        "Self-intersecting polygons in QuPath GeoJSON: `repair` (make valid, logged) or `refuse`."))
+    qupath_max_file_mb: float = field(default=200.0, metadata=_doc(
+        "Largest QuPath GeoJSON file read, in MB (10^6 bytes); checked before reading."))
+    qupath_max_features: int = field(default=1_000_000, metadata=_doc(
+        "Most features read from one QuPath GeoJSON file."))
+    qupath_max_vertices: int = field(default=10_000_000, metadata=_doc(
+        "Most vertices (positions) read from one QuPath GeoJSON file, all geometries together."))
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -97,6 +105,14 @@ class Settings:
              f"evidence_batch_size must be >= 1, got {self.evidence_batch_size}"),
             (self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"},
              f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"),
+            (self.qupath_invalid_geometry in ("repair", "refuse"),
+             f"qupath_invalid_geometry must be repair or refuse, got {self.qupath_invalid_geometry!r}"),
+            (self.qupath_max_file_mb > 0,
+             f"qupath_max_file_mb must be > 0, got {self.qupath_max_file_mb}"),
+            (self.qupath_max_features >= 1,
+             f"qupath_max_features must be >= 1, got {self.qupath_max_features}"),
+            (self.qupath_max_vertices >= 1,
+             f"qupath_max_vertices must be >= 1, got {self.qupath_max_vertices}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,5 +1,5 @@
-"""QuPath side of omero-hwsi: reading QuPath GeoJSON and writing QuPath projects.
+"""QuPath side of omero-hwsi: reading QuPath GeoJSON and reading and writing QuPath projects.
 
-The GeoJSON that QuPath imports is written by ``omero_hwsi.results``; reading QuPath exports
-and paquo projects arrive with the QuPath-bridge issue.
+The GeoJSON that QuPath imports is written by ``omero_hwsi.results``; ``geojson`` reads QuPath
+exports (pure Python), ``project`` reads and writes projects through paquo (needs QuPath).
 """

@@ -1,7 +1,8 @@
-"""Shared fixtures: checksum-verified real slides and cached synthetic slides."""
+"""Shared fixtures: checksum-verified real slides and cached synthetic slides; QuPath skips."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -66,3 +67,33 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HWSI_CONFIG", str(tmp_path / "none.toml"))
     (tmp_path / "none.toml").write_text("")
     return data
+
+
+@functools.cache
+def qupath_missing() -> str | None:
+    """Why QuPath projects cannot be used here (our one-line error), or None when they can."""
+    from omero_hwsi.errors import MissingResourceError
+    from qupath_bridge.project import require_qupath
+
+    try:
+        require_qupath()
+    except MissingResourceError as err:
+        return str(err)
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``qupath`` are skipped, with the reason, where no QuPath install is found."""
+    marked = [item for item in items if item.get_closest_marker("qupath")]
+    reason = qupath_missing() if marked else None
+    for item in marked if reason else []:
+        item.add_marker(pytest.mark.skip(reason=f"needs QuPath: {reason}"))
+
+
+@pytest.fixture
+def without_qupath() -> str:
+    """For tests of the error without QuPath: skipped where QuPath is installed."""
+    reason = qupath_missing()
+    if reason is None:
+        pytest.skip("QuPath is installed here; this test checks the error without it")
+    return reason

@@ -13,8 +13,8 @@ ROOT = Path(__file__).parent.parent
 
 @pytest.mark.slow
 def test_package_type_checks_strictly():
-    proc = subprocess.run([sys.executable, "-m", "mypy", "omero_hwsi"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mypy", "omero_hwsi", "qupath_bridge"],
+                          cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from omero_hwsi.errors import GeoJSONError
-from omero_hwsi.slide.annotations import read_region_geometry
+from qupath_bridge.geojson import read_regions
 
 SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
 OTHER = {"type": "Polygon", "coordinates": [[[20, 0], [30, 0], [30, 10], [20, 10], [20, 0]]]}
@@ -22,14 +22,14 @@ OTHER = {"type": "Polygon", "coordinates": [[[20, 0], [30, 0], [30, 10], [20, 10
 def test_every_qupath_export_shape_reads(tmp_path, doc):
     path = tmp_path / "regions.geojson"
     path.write_text(json.dumps(doc))
-    assert read_region_geometry(path).area == 100
+    assert read_regions(path).area == 100
 
 
 def test_areas_are_united(tmp_path):
     path = tmp_path / "regions.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [
         {"type": "Feature", "geometry": SQUARE}, {"type": "Feature", "geometry": OTHER}]}))
-    assert read_region_geometry(path).area == 200
+    assert read_regions(path).area == 200
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -43,7 +43,7 @@ def test_bad_files_are_one_line_errors(tmp_path, text, message):
     path = tmp_path / "regions.geojson"
     path.write_text(text)
     with pytest.raises(GeoJSONError, match=message) as err:
-        read_region_geometry(path)
+        read_regions(path)
     assert "\n" not in str(err.value)
     with pytest.raises(GeoJSONError, match="not found"):
-        read_region_geometry(tmp_path / "missing.geojson")
+        read_regions(tmp_path / "missing.geojson")
