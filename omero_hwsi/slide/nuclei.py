@@ -671,9 +671,7 @@ class ClassicalNucleusSegmenter:
         # Texture inside the nucleus, not along its edge: the edge gradient is similar for all
         # nuclei and would swamp chromatin texture. "Inside" = all 8 neighbours share the label;
         # nuclei too thin to have an inside fall back to all their pixels.
-        gx = cv2.Sobel(h_od, cv2.CV_32F, 1, 0, ksize=3, scale=0.125)
-        gy = cv2.Sobel(h_od, cv2.CV_32F, 0, 1, ksize=3, scale=0.125)
-        grad = cv2.magnitude(gx, gy).ravel()[fg].astype(np.float64)  # OD per pixel
+        grad = _sobel_magnitude(h_od).ravel()[fg]  # OD per pixel
         lab_f = labels.astype(np.float32)  # exact: label values are far below 2**24
         k3 = np.ones((3, 3), dtype=np.uint8)
         inside = (cv2.erode(lab_f, k3, borderType=cv2.BORDER_REPLICATE) == lab_f) & (
@@ -815,3 +813,20 @@ def _drop_repeats(pts: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     if len(pts) > 1 and np.all(pts[0] == pts[-1]):
         pts = pts[:-1]
     return pts
+
+
+def _sobel_magnitude(image: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
+    """Sobel gradient magnitude (3x3, scale 1/8, mirrored border), in float64 with numpy.
+
+    OpenCV's float32 Sobel and magnitude take vectorised or scalar code paths depending on
+    where a buffer happens to lie in memory, so the same patch could give a last-bit different
+    texture from run to run; plain elementwise numpy is exactly rounded the same way every
+    time, which keeps extraction, and the demo model trained on it, byte-for-byte repeatable.
+    """
+    p = np.pad(image.astype(np.float64), 1, mode="reflect")  # = BORDER_REFLECT_101
+    dx = p[:, 2:] - p[:, :-2]
+    dy = p[2:, :] - p[:-2, :]
+    gx = (dx[:-2] + 2.0 * dx[1:-1] + dx[2:]) * 0.125
+    gy = (dy[:, :-2] + 2.0 * dy[:, 1:-1] + dy[:, 2:]) * 0.125
+    out: npt.NDArray[np.float64] = np.sqrt(gx * gx + gy * gy)
+    return out

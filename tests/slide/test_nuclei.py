@@ -402,3 +402,14 @@ def test_nucleus_inside_a_ring_is_found(segmenter: ClassicalNucleusSegmenter) ->
     idx = match(found.centroids, [(80.0, 80.0, 9.0)])[0]
     assert found.centroids[idx] == pytest.approx((80.0, 80.0), abs=1.0)
     assert shapely.Polygon(found.polygons[idx]).is_valid
+
+
+def test_gradient_magnitude_is_opencv_sobel_in_float64() -> None:
+    from omero_hwsi.slide.nuclei import _sobel_magnitude
+
+    rng = np.random.default_rng(5)
+    image = rng.random((37, 53), dtype=np.float32)
+    gx = cv2.Sobel(image, cv2.CV_64F, 1, 0, ksize=3, scale=0.125)
+    gy = cv2.Sobel(image, cv2.CV_64F, 0, 1, ksize=3, scale=0.125)
+    np.testing.assert_allclose(_sobel_magnitude(image), np.hypot(gx, gy), rtol=1e-12, atol=1e-12)
+
