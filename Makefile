@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: help setup services demo demo-model test test-fast bench lint typecheck clean
+.PHONY: help setup services demo demo-model test test-fast bench ablation lint typecheck clean
 
 help:
 	@echo "make demo       set up, then analyse a synthetic slide (answers beside ground truth) and the"
@@ -19,6 +19,7 @@ help:
 	@echo "make test-fast  the edit loop: tests not marked slow"
 	@echo "make services   install (if missing) and start PostgreSQL, Redis and RabbitMQ"
 	@echo "make bench      run the benchmarks in bench/ (prints ratios)"
+	@echo "make ablation   the scale ablation of the demo recipe (about 35 min on 2 cores)"
 
 # The venv is (re)built when pyproject.toml changes. torch is installed explicitly first so that
 # pip takes the pinned CPU build instead of resolving a multi-GB CUDA build.
@@ -51,6 +52,9 @@ bench: setup
 	$(PY) bench/bench_extract.py
 	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_evidence.py
+
+ablation: setup
+	$(PY) bench/ablation.py
 
 lint: setup
 	$(VENV)/bin/ruff check omero_hwsi qupath_bridge tests bench
