@@ -8,36 +8,40 @@ same slide was extracted before with the same grid and encoders.
 The model decides how features are made: a model records the encoders and grid it was trained
 on (``expected_features``), and extraction follows them, so a demo model trained on a small
 grid reads slides on that grid without any setting to change.
+
+The stages are separate functions (:func:`extract_features`, :func:`ask_slide`,
+:func:`result_provenance`, :func:`write_result`) because the job system runs them as separate
+Celery tasks on different queues (``omero_hwsi.jobs.tasks``); :func:`analyze_slide` runs the
+same functions in one process, so both compute the same thing.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omero_hwsi._types import ProgressFn
-from omero_hwsi.errors import InputError, ModelFileNotFoundError, UnknownEncoderError
-from omero_hwsi.features.extract import ExtractionConfig, extract_slide
-from omero_hwsi.features.registry import is_encoder
+from omero_hwsi.features.extract import ExtractionResult, extract_slide
 from omero_hwsi.features.store import SlideFeatures, load_features
-from omero_hwsi.inference.evidence import EvidenceBudget, EvidenceDepth
-from omero_hwsi.inference.pipeline import Decoding, HwsiPipeline, Task
+from omero_hwsi.plan import DEFAULT_MODEL, default_model, extraction_config, grid_spec, output_dirs
 from omero_hwsi.results.analysis_files import write_analysis_files
-from omero_hwsi.results.schema import AnalysisResult, EvidenceMethod
 from omero_hwsi.settings import Settings
-from omero_hwsi.slide.grid import GridSpec
 from omero_hwsi.slide.local import open_slide
 from omero_hwsi.slide.reader import plan_for, read_thumbnail
 from qupath_bridge.geojson import ReadOptions, read_regions
 
-__all__ = ["DEFAULT_MODEL", "AnalysisRequest", "analyze_slide", "default_model", "evidence_budget",
-           "output_dirs"]
+if TYPE_CHECKING:  # torch loads with the model, not with this module: CPU workers import it
+    from omero_hwsi.inference.evidence import EvidenceBudget, EvidenceDepth
+    from omero_hwsi.inference.pipeline import Decoding, HwsiPipeline, Task
+    from omero_hwsi.results.schema import AnalysisResult, EvidenceMethod
 
-DEFAULT_MODEL = Path(__file__).parent / "models" / "demo"
-"""The embedded default model: a small demo model trained on synthetic slides."""
+__all__ = ["DEFAULT_MODEL", "AnalysisRequest", "analyze_slide", "ask_slide", "default_model",
+           "evidence_budget", "extract_features", "output_dirs", "result_provenance",
+           "write_result"]
 
 _OVERVIEW_PX = 2048
 """Longest side of the overview picture behind the overlay."""
@@ -65,74 +69,23 @@ class AnalysisRequest:
     evidence_method: EvidenceMethod = "occlusion"
     regions: Path | None = None
     mpp: float | None = None
-    decoding: Decoding = field(default_factory=Decoding)
+    decoding: Decoding = field(default_factory=lambda: _greedy())
+
+
+def _greedy() -> Decoding:
+    """Default decoding, built on use: the request type stays importable without torch."""
+    from omero_hwsi.inference.pipeline import Decoding
+
+    return Decoding()
 
 
 def evidence_budget(settings: Settings) -> EvidenceBudget:
     """The hierarchical evidence budgets from the settings (``HWSI_EVIDENCE_*``)."""
+    from omero_hwsi.inference.evidence import EvidenceBudget
+
     return EvidenceBudget(top_regions=settings.evidence_top_regions,
                           top_patches=settings.evidence_top_patches,
                           batch_size=settings.evidence_batch_size)
-
-
-def default_model() -> Path:
-    """The embedded demo model's folder.
-
-    Raises:
-        ModelFileNotFoundError: this installation carries no default model.
-    """
-    if not (DEFAULT_MODEL / "config.json").is_file():
-        raise ModelFileNotFoundError(
-            f"{DEFAULT_MODEL}: no default model in this installation; pass --model DIR"
-        )
-    return DEFAULT_MODEL
-
-
-def output_dirs(slides: list[Path], out: Path) -> list[Path]:
-    """Where each slide's files go: ``out`` itself for one slide, ``out/<stem>`` for several.
-
-    Raises:
-        InputError: two slides share a file stem (their results would overwrite each other);
-            checked before anything is written.
-    """
-    if len(slides) == 1:
-        return [out]
-    seen: dict[str, Path] = {}
-    for slide in slides:
-        if slide.stem in seen:
-            raise InputError(f"{seen[slide.stem]} and {slide} share the name {slide.stem!r}; their "
-                             "results would collide in the output folder: analyse them separately")
-        seen[slide.stem] = slide
-    return [out / slide.stem for slide in slides]
-
-
-def _grid(pipeline: HwsiPipeline, settings: Settings) -> GridSpec:
-    """The model's grid when it records one, else the settings'."""
-    expected = pipeline.model.config.expected_features or {}
-    grid = expected.get("grid") or {}
-    return GridSpec(
-        target_mpp=float(grid.get("target_mpp", settings.target_mpp)),
-        region_px=int(grid.get("region_px", settings.region_px)),
-        patch_px=int(grid.get("patch_px", settings.patch_px)),
-        min_tissue_fraction=settings.min_tissue_fraction,
-    )
-
-
-def _extraction(pipeline: HwsiPipeline, settings: Settings) -> ExtractionConfig:
-    """The encoders the model was trained on (they must be installed here)."""
-    expected = pipeline.model.config.expected_features or {}
-    names: dict[str, str] = {}
-    for scale, default in (("patch", "hed_texture"), ("region", "layout")):
-        name = str(expected.get(scale, {}).get("id", default))
-        if not is_encoder(name):
-            raise UnknownEncoderError(
-                f"the model expects {scale} features from the encoder {name!r}, which is not "
-                "installed here; install it or use a model trained on the built-in encoders"
-            )
-        names[scale] = name
-    return ExtractionConfig(patch_encoder=names["patch"], region_encoder=names["region"],
-                            n_candidates=settings.candidates_per_region,
-                            k=settings.patches_per_region, workers=settings.extract_workers)
 
 
 def _overview(slide: Path, mpp: float | None, tolerance: float) -> tuple[Any, float, tuple[float, float]]:
@@ -141,6 +94,84 @@ def _overview(slide: Path, mpp: float | None, tolerance: float) -> tuple[Any, fl
         picture_mpp = max(reader.mpp, max(width, height) * reader.mpp / _OVERVIEW_PX)
         picture = read_thumbnail(reader, picture_mpp)
         return picture, plan_for(reader, picture_mpp).level0_per_px, (float(width), float(height))
+
+
+def extract_features(
+    slide: str | os.PathLike[str],
+    *,
+    expected: Mapping[str, Any] | None,
+    settings: Settings,
+    regions: Path | None = None,
+    mpp: float | None = None,
+    progress: ProgressFn | None = None,
+) -> ExtractionResult:
+    """Stage 1: the slide's features on the model's grid and encoders (a complete store is reused).
+
+    ``expected`` is the model's ``expected_features`` (from the loaded config, or read from the
+    folder's JSON by :func:`omero_hwsi.plan.expected_features` where torch is not loaded);
+    ``regions`` and ``mpp`` are the request's (a GeoJSON of areas, an MPP override).
+
+    Raises:
+        InputError subclasses: unusable slide, MPP or regions file.
+        MissingResourceError subclasses: the model's encoders are not installed.
+    """
+    restrict = (read_regions(regions, options=ReadOptions.from_settings(settings))
+                if regions is not None else None)
+    return extract_slide(
+        Path(slide), settings.features_path, grid=grid_spec(expected, settings),
+        config=extraction_config(expected, settings), mpp=mpp,
+        mpp_tolerance=settings.mpp_tolerance, restrict=restrict, progress=progress,
+    )
+
+
+def ask_slide(
+    features: SlideFeatures,
+    *,
+    pipeline: HwsiPipeline,
+    request: AnalysisRequest,
+    settings: Settings,
+    progress: ProgressFn | None = None,
+) -> AnalysisResult:
+    """Stage 2: the model's answer and its evidence for one slide's features.
+
+    Raises:
+        InputError subclasses: a question or labels the task cannot use.
+    """
+    (result,) = pipeline.ask(
+        [features], request.question, task=request.task, labels=list(request.labels) or None,
+        evidence=request.evidence, evidence_method=request.evidence_method,
+        budget=evidence_budget(settings),
+        decoding=request.decoding, progress=progress,
+    )
+    return result
+
+
+def result_provenance(features: SlideFeatures, *, reused: bool,
+                      request: AnalysisRequest) -> dict[str, Any]:
+    """What ``result.json`` records about the pixels and encoders behind the answer."""
+    provenance = {k: features.provenance.get(k) for k in ("slide", "grid", "encoders", "selection",
+                                                           "key")}
+    provenance.update(store=str(features.path), features_reused=reused,
+                      regions_file=None if request.regions is None else str(request.regions))
+    return provenance
+
+
+def write_result(
+    slide: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    result: AnalysisResult,
+    *,
+    provenance: dict[str, Any],
+    settings: Settings,
+    mpp: float | None = None,
+) -> list[Path]:
+    """Stage 3: the five result files (overlay on the slide's overview), all or none.
+
+    ``mpp`` is the request's MPP override, for reading the overview.
+    """
+    picture, level0_per_px, size = _overview(Path(slide), mpp, settings.mpp_tolerance)
+    return write_analysis_files(result, out_dir, thumbnail=picture, level0_per_px=level0_per_px,
+                                slide_size=size, provenance=provenance)
 
 
 def analyze_slide(
@@ -163,30 +194,17 @@ def analyze_slide(
     """
     path = Path(slide)
     started = time.perf_counter()
-    restrict = (read_regions(request.regions, options=ReadOptions.from_settings(settings))
-                if request.regions is not None else None)
-    grid = _grid(pipeline, settings)
-    extracted = extract_slide(
-        path, settings.features_path, grid=grid, config=_extraction(pipeline, settings),
-        mpp=request.mpp, mpp_tolerance=settings.mpp_tolerance, restrict=restrict,
-        progress=progress,
-    )
-    features: SlideFeatures = load_features(extracted.path)
+    extracted = extract_features(path, expected=pipeline.model.config.expected_features,
+                                 settings=settings, regions=request.regions, mpp=request.mpp,
+                                 progress=progress)
+    features = load_features(extracted.path)
     features_s = time.perf_counter() - started
-    (result,) = pipeline.ask(
-        [features], request.question, task=request.task, labels=list(request.labels) or None,
-        evidence=request.evidence, evidence_method=request.evidence_method,
-        budget=evidence_budget(settings),
-        decoding=request.decoding, progress=progress,
-    )
-    picture, level0_per_px, size = _overview(path, request.mpp, settings.mpp_tolerance)
-    timings = {"features_s": round(features_s, 3), **result.timings}
-    provenance = {k: features.provenance.get(k) for k in ("slide", "grid", "encoders", "selection",
-                                                           "key")}
-    provenance.update(store=str(features.path), features_reused=extracted.already_complete,
-                      regions_file=None if request.regions is None else str(request.regions))
-    result = replace(result, timings={**timings, "total_s": round(time.perf_counter() - started, 3)})
-    write_analysis_files(result, out_dir, thumbnail=picture, level0_per_px=level0_per_px,
-                         slide_size=size, provenance=provenance)
+    result = ask_slide(features, pipeline=pipeline, request=request, settings=settings,
+                       progress=progress)
+    timings = {"features_s": round(features_s, 3), **result.timings,
+               "total_s": round(time.perf_counter() - started, 3)}
+    result = replace(result, timings=timings)
+    write_result(path, out_dir, result, settings=settings, mpp=request.mpp,
+                 provenance=result_provenance(features, reused=extracted.already_complete,
+                                              request=request))
     return result
-

@@ -7,25 +7,32 @@ print one red line and exit with their class's code (2 input, 3 missing resource
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from omero_hwsi import __version__
+
+# Shared with cli_jobs.py (see _cli_common.py for why they live there).
+from omero_hwsi._cli_common import (
+    QUPATH_REGIONS_FILE,
+    MppOption,
+    _analysis_slides,
+    _check_choice,
+    _handle_errors,
+    _settings,
+    stderr,
+)
 from omero_hwsi._types import ProgressFn
 from omero_hwsi.errors import HwsiError, InputError, SlideOpenError
-from omero_hwsi.settings import Settings, load_settings
+from omero_hwsi.settings import Settings
 
 if TYPE_CHECKING:
     from shapely.geometry.base import BaseGeometry
@@ -40,40 +47,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-stderr = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-MppOption = Annotated[
-    float | None,
-    typer.Option("--mpp", help="Microns per pixel of level 0, overriding the slide metadata."),
-]
-
-
-def _handle_errors(func: F) -> F:
-    """Map :class:`HwsiError` to a red one-line message and its exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except HwsiError as err:
-            # escaped: messages hold user text such as [#IMAGE_NAME] that rich would eat as markup
-            stderr.print(f"[red]error:[/red] {escape(str(err))}", markup=True, highlight=False,
-                         soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _settings(**overrides: Any) -> Settings:
-    settings = load_settings(**overrides)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(message)s",
-        handlers=[RichHandler(console=stderr, show_path=False)],
-        force=True,
-    )
-    return settings
 
 
 @contextmanager
@@ -234,12 +207,6 @@ def tiles(
         typer.echo(str(path))
 
 
-def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
-    """A one-line input error when ``value`` is not one of ``allowed``."""
-    if value not in allowed:
-        raise InputError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
-
-
 def _check_evidence_options(evidence: str, method: str) -> None:
     """``--evidence`` and ``--evidence-method``, checked against the evidence vocabulary."""
     from omero_hwsi.inference.evidence import EvidenceDepth
@@ -321,60 +288,6 @@ def ask(
         typer.echo(str(out))
     else:
         typer.echo(json.dumps(payload, indent=2))
-
-
-QUPATH_REGIONS_FILE = "qupath-regions.geojson"
-"""With --regions-from-annotations: the regions of a project image, written beside its result."""
-
-
-@dataclass(frozen=True, slots=True)
-class _AnalysisSlide:
-    """One slide for ``hwsi analyze``: a file as given, or an image of a QuPath project."""
-
-    path: Path
-    label: str
-    project: Path | None = None
-    image: str | None = None
-    regions: BaseGeometry | None = None
-
-
-def _check_qupath_options(has_project: bool, from_annotations: bool, classes: list[str],
-                          write_back: bool, regions: Path | None) -> None:
-    """Options that only mean something for qupath: sources, refused in one line otherwise."""
-    given = [name for name, on in (("--regions-from-annotations", from_annotations),
-                                   ("--class", bool(classes)), ("--write-back", write_back)) if on]
-    if given and not has_project:
-        raise InputError(f"{', '.join(given)}: only for QuPath project sources "
-                         "(qupath:PROJECT_DIR[#IMAGE_NAME])")
-    if classes and not from_annotations:
-        raise InputError("--class selects the annotations of --regions-from-annotations; add it")
-    if from_annotations and regions is not None:
-        raise InputError("give either --regions FILE or --regions-from-annotations, not both")
-
-
-def _analysis_slides(sources: list[str], *, from_annotations: bool, classes: list[str],
-                     write_back: bool, regions: Path | None,
-                     options: ReadOptions) -> list[_AnalysisSlide]:
-    """The slides the sources stand for; arguments are checked before QuPath is started."""
-    from qupath_bridge.project import parse_source, project_regions, source_images
-
-    parsed = [(text, parse_source(text)) for text in sources]
-    _check_qupath_options(any(source for _, source in parsed), from_annotations, classes,
-                          write_back, regions)
-    missing = [text for text, source in parsed if source is None and not Path(text).is_file()]
-    if missing:
-        raise InputError(f"slide file(s) not found: {', '.join(missing)}")
-    slides: list[_AnalysisSlide] = []
-    for text, source in parsed:
-        if source is None:
-            slides.append(_AnalysisSlide(Path(text), Path(text).name))
-            continue
-        for image in source_images(source):
-            assert image.path is not None  # source_images only returns local files
-            area = (project_regions(source.project, image.name, classes or None, options=options)
-                    if from_annotations else None)
-            slides.append(_AnalysisSlide(image.path, image.name, source.project, image.name, area))
-    return slides
 
 
 def _describe_export(exported: ExportedResult) -> str:
@@ -700,6 +613,13 @@ def evaluate_command(
                       f"- / {num(pointing['chance'])}")
     stderr.print(table)
     typer.echo(str(out / METRICS_FILE))
+
+
+# The job system's commands live in cli_jobs.py.
+from omero_hwsi.cli_jobs import jobs_app, worker  # noqa: E402
+
+app.add_typer(jobs_app, name="jobs")
+app.command("worker")(worker)
 
 
 @app.command()

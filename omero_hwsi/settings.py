@@ -81,6 +81,30 @@ class Settings:
         "Most features read from one QuPath GeoJSON file."))
     qupath_max_vertices: int = field(default=10_000_000, metadata=_doc(
         "Most vertices (positions) read from one QuPath GeoJSON file, all geometries together."))
+    broker_url: str = field(default="", repr=False, metadata=_doc(
+        "Celery broker (`redis://...`, `amqp://...`); empty: the embedded single-machine "
+        "transport, SQLite at `<data_dir>/broker.sqlite`."))
+    database_url: str = field(default="", repr=False, metadata=_doc(
+        "Job ledger database (`postgresql://...`, any SQLAlchemy URL); empty: SQLite at "
+        "`<data_dir>/ledger.sqlite`."))
+    result_backend: str = field(default="", repr=False, metadata=_doc(
+        "Optional Celery result backend (e.g. `redis://...`, for Flower); the ledger is the "
+        "source of truth either way."))
+    max_task_seconds: int = field(default=3600, metadata=_doc(
+        "Longest a job stage may run; sets the soft and hard task time limits and the Redis "
+        "visibility timeout (see `workers.md`)."))
+    task_retries: int = field(default=2, metadata=_doc(
+        "Restarts of a job after its worker died; past this the job goes to `dead_letter`."))
+    heartbeat_seconds: float = field(default=10.0, metadata=_doc(
+        "How often a running task writes its heartbeat into the job ledger."))
+    stale_seconds: float = field(default=60.0, metadata=_doc(
+        "A running job whose heartbeat is older than this has no live task: the reconciler "
+        "enqueues its stage again."))
+    requeue_seconds: float = field(default=3600.0, metadata=_doc(
+        "A job queued this long without any worker starting it is enqueued again (a message "
+        "lost by the broker); duplicates are dropped at task start."))
+    reconcile_seconds: float = field(default=30.0, metadata=_doc(
+        "How often each worker runs the reconciler (also once at worker start)."))
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -113,6 +137,17 @@ class Settings:
              f"qupath_max_features must be >= 1, got {self.qupath_max_features}"),
             (self.qupath_max_vertices >= 1,
              f"qupath_max_vertices must be >= 1, got {self.qupath_max_vertices}"),
+            (self.max_task_seconds >= 1,
+             f"max_task_seconds must be >= 1, got {self.max_task_seconds}"),
+            (self.task_retries >= 0, f"task_retries must be >= 0, got {self.task_retries}"),
+            (self.heartbeat_seconds > 0,
+             f"heartbeat_seconds must be > 0, got {self.heartbeat_seconds}"),
+            (self.stale_seconds > self.heartbeat_seconds,
+             f"stale_seconds ({self.stale_seconds}) must exceed heartbeat_seconds "
+             f"({self.heartbeat_seconds})"),
+            (self.requeue_seconds > 0, f"requeue_seconds must be > 0, got {self.requeue_seconds}"),
+            (self.reconcile_seconds > 0,
+             f"reconcile_seconds must be > 0, got {self.reconcile_seconds}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -127,6 +162,16 @@ class Settings:
     def models_path(self) -> Path:
         """The model root, resolved against ``data_dir``."""
         return self.model_dir or self.data_dir / "models"
+
+    @property
+    def ledger_url(self) -> str:
+        """The job ledger's SQLAlchemy URL (``database_url`` or the SQLite default)."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'ledger.sqlite').absolute()}"
+
+    @property
+    def broker(self) -> str:
+        """The Celery broker URL (``broker_url`` or the embedded SQLite transport)."""
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').absolute()}"
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated again)."""

@@ -1,0 +1,148 @@
+"""Job-system fixtures: private PostgreSQL database and Redis db, real worker subprocesses.
+
+Nothing is mocked and nothing runs in eager mode: workers are ``hwsi worker`` processes (the
+prefork pool), the broker is the embedded SQLite transport or the local Redis, the ledger SQLite
+or the local PostgreSQL. Each test session creates its own PostgreSQL database (dropped at the
+end) and takes an empty Redis db number (flushed at the end), so the shared services stay clean.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def _pg_admin() -> Any:
+    import psycopg
+
+    return psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Callable[[], str]:
+    """A factory of private PostgreSQL databases (URLs); all are dropped after the session."""
+    try:
+        _pg_admin().close()
+    except Exception as err:  # the service is not running here
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable (make services): {err}")
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"hwsi_test_{uuid.uuid4().hex[:12]}"
+        with _pg_admin() as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+    yield make
+    with _pg_admin() as admin:
+        for name in created:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_database: Callable[[], str]) -> str:
+    """One private PostgreSQL database for the session."""
+    return pg_database()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis URL on an empty db number (highest first), flushed after the session."""
+    import redis
+
+    try:
+        redis.Redis(REDIS_HOST, REDIS_PORT, socket_timeout=5).ping()
+    except Exception as err:
+        pytest.skip(f"Redis on {REDIS_HOST}:{REDIS_PORT} is not reachable (make services): {err}")
+    for db in range(15, 0, -1):
+        client = redis.Redis(REDIS_HOST, REDIS_PORT, db=db)
+        if client.dbsize() == 0:
+            break
+    else:
+        pytest.skip("no empty Redis db number for a private test db")
+    client.set("hwsi-test-owner", str(os.getpid()))  # claim it
+    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+    client.flushdb()
+
+
+@pytest.fixture
+def jobs_env(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """HWSI_* settings for fast jobs in tmp (also set in this process, for the CLI and client)."""
+    # HWSI_EXTRACT_WORKERS keeps its default (2): tasks must run extraction in-process, as
+    # Celery's pool processes are daemonic and cannot start extraction processes.
+    values = {"HWSI_HEARTBEAT_SECONDS": "1", "HWSI_STALE_SECONDS": "30", "HWSI_LOG_LEVEL": "INFO",
+              "COLUMNS": "200"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return dict(os.environ)
+
+
+@dataclass
+class Workers:
+    """``hwsi worker`` subprocesses started by a test; stopped (by their ids) at teardown."""
+
+    root: Path
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+
+    def start(self, env: dict[str, str], *, queues: str, name: str) -> subprocess.Popen[bytes]:
+        log = self.root / f"worker-{name}.log"
+        handle = log.open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "omero_hwsi.cli", "worker", "--queues", queues,
+             "--concurrency", "1", "--name", f"{name}@%h"],
+            env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        handle.close()
+        self.procs.append((proc, log))
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {log.name} ---\n{log.read_text(errors='replace')[-6000:]}"
+                         for _, log in self.procs)
+
+    def stop(self) -> None:
+        """Cold shutdown (SIGQUIT to the worker's main process), then SIGKILL its group.
+
+        A cold shutdown during a task can hang in billiard's pool finaliser, hence the kill.
+        """
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGQUIT)
+        deadline = time.monotonic() + 8
+        for proc, _ in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def workers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Workers]:
+    """Start worker subprocesses; their logs are printed when the test fails."""
+    pool = Workers(tmp_path)
+    yield pool
+    pool.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(pool.logs())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)
