@@ -35,6 +35,34 @@ MppOption = Annotated[
     typer.Option("--mpp", help="Microns per pixel of level 0, overriding the slide metadata."),
 ]
 
+# The sources and options of one analysis, shared by `hwsi analyze` and `hwsi jobs submit`.
+SourcesArgument = Annotated[list[str], typer.Argument(
+    help="Slide files, or qupath:PROJECT_DIR for every image of a QuPath project, "
+         "qupath:PROJECT_DIR#IMAGE_NAME for one.")]
+TaskOption = Annotated[str, typer.Option("--task", help="vqa, report, caption, classify or "
+                                         "retrieve.")]
+QuestionOption = Annotated[str | None, typer.Option(
+    "--question", "-q", help="The question (default prompt per task except vqa).")]
+LabelsOption = Annotated[str | None, typer.Option(
+    "--labels", help="Comma-separated labels (classify) or texts (retrieve).")]
+EvidenceOption = Annotated[str, typer.Option(
+    "--evidence", help="Deepest evidence level: region, patch, cell or none.")]
+EvidenceMethodOption = Annotated[str, typer.Option(
+    "--evidence-method", help="occlusion (faithful), grad_x_input (fast) or attention "
+    "(approximate).")]
+RegionsOption = Annotated[Path | None, typer.Option(
+    "--regions", help="GeoJSON of areas to analyse (e.g. a QuPath export); default: all tissue.")]
+RegionsFromAnnotationsOption = Annotated[bool, typer.Option(
+    "--regions-from-annotations", help="qupath: sources: analyse only the areas annotated on "
+    "each image.")]
+ClassOption = Annotated[list[str] | None, typer.Option(
+    "--class", help="With --regions-from-annotations: only annotations of this class (repeat).")]
+WriteBackOption = Annotated[bool, typer.Option(
+    "--write-back", help="qupath: sources: add the evidence to each image in the project.")]
+SeedOption = Annotated[int | None, typer.Option(
+    "--seed", help="Sample the answer with this seed (default: greedy decoding).")]
+MaxNewTokensOption = Annotated[int, typer.Option("--max-new-tokens", min=1)]
+
 
 def _handle_errors(func: F) -> F:
     """Map :class:`HwsiError` to a red one-line message and its exit code."""

@@ -23,7 +23,19 @@ from omero_hwsi import __version__
 # Shared with cli_jobs.py (see _cli_common.py for why they live there).
 from omero_hwsi._cli_common import (
     QUPATH_REGIONS_FILE,
+    ClassOption,
+    EvidenceMethodOption,
+    EvidenceOption,
+    LabelsOption,
+    MaxNewTokensOption,
     MppOption,
+    QuestionOption,
+    RegionsFromAnnotationsOption,
+    RegionsOption,
+    SeedOption,
+    SourcesArgument,
+    TaskOption,
+    WriteBackOption,
     _analysis_slides,
     _check_choice,
     _handle_errors,
@@ -224,17 +236,14 @@ def ask(
     model: Annotated[Path, typer.Option("--model", help="Model folder (save_pretrained layout).")],
     question: Annotated[str | None, typer.Option("--question", "-q", help="The question (default "
                                                  "per task for report, caption, classify).")] = None,
-    task: Annotated[str, typer.Option("--task", help="vqa, report, caption, classify or "
-                                      "retrieve.")] = "vqa",
+    task: TaskOption = "vqa",
     label: Annotated[list[str] | None, typer.Option("--label", help="A candidate label for "
                                                     "classify (repeat).")] = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A text to match for retrieve "
                                                    "(repeat).")] = None,
-    evidence: Annotated[str, typer.Option("--evidence", help="Deepest evidence level: region, "
-                                          "patch, cell or none.")] = "cell",
-    evidence_method: Annotated[str, typer.Option("--evidence-method", help="occlusion (faithful) "
-                                                 "grad_x_input (fast) or attention (approximate).")] = "occlusion",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    evidence: EvidenceOption = "cell",
+    evidence_method: EvidenceMethodOption = "occlusion",
+    max_new_tokens: MaxNewTokensOption = 256,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding "
                                          "(needs --seed).")] = False,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for --sample.")] = None,
@@ -303,38 +312,23 @@ def _describe_export(exported: ExportedResult) -> str:
 @app.command()
 @_handle_errors
 def analyze(
-    slides: Annotated[list[str], typer.Argument(help="Slide files, or qupath:PROJECT_DIR for "
-                                                "every image of a QuPath project, "
-                                                "qupath:PROJECT_DIR#IMAGE_NAME for one.")],
+    slides: SourcesArgument,
     out: Annotated[Path, typer.Option("--out", help="Folder for the result files (one slide), or "
                                       "for one sub-folder per slide.")],
-    task: Annotated[str, typer.Option("--task", help="vqa, report, caption, classify or "
-                                      "retrieve.")] = "vqa",
-    question: Annotated[str | None, typer.Option("--question", "-q", help="The question (default "
-                                                 "prompt per task except vqa).")] = None,
-    labels: Annotated[str | None, typer.Option("--labels", help="Comma-separated labels "
-                                               "(classify) or texts (retrieve).")] = None,
-    evidence: Annotated[str, typer.Option("--evidence", help="Deepest evidence level: region, "
-                                          "patch, cell or none.")] = "cell",
-    evidence_method: Annotated[str, typer.Option("--evidence-method", help="occlusion (faithful), "
-                                                 "grad_x_input (fast) or attention "
-                                                 "(approximate).")] = "occlusion",
-    regions: Annotated[Path | None, typer.Option("--regions", help="GeoJSON of areas to analyse "
-                                                 "(e.g. a QuPath export); default: all tissue.")] = None,
-    regions_from_annotations: Annotated[bool, typer.Option(
-        "--regions-from-annotations", help="qupath: sources: analyse only the areas annotated on "
-        "each image.")] = False,
-    classes: Annotated[list[str] | None, typer.Option(
-        "--class", help="With --regions-from-annotations: only annotations of this class "
-        "(repeat).")] = None,
-    write_back: Annotated[bool, typer.Option("--write-back", help="qupath: sources: add the "
-                                             "evidence to each image in the project.")] = False,
+    task: TaskOption = "vqa",
+    question: QuestionOption = None,
+    labels: LabelsOption = None,
+    evidence: EvidenceOption = "cell",
+    evidence_method: EvidenceMethodOption = "occlusion",
+    regions: RegionsOption = None,
+    regions_from_annotations: RegionsFromAnnotationsOption = False,
+    classes: ClassOption = None,
+    write_back: WriteBackOption = False,
     model: Annotated[Path | None, typer.Option("--model", help="Model folder (default: the "
                                                "embedded demo model).")] = None,
     mpp: MppOption = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sample the answer with this seed "
-                                             "(default: greedy decoding).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    seed: SeedOption = None,
+    max_new_tokens: MaxNewTokensOption = 256,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda "
                                                "when available).")] = None,
 ) -> None:

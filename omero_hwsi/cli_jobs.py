@@ -64,39 +64,25 @@ def _regions_file(geometry: BaseGeometry, settings: Settings) -> Path:
 @jobs_app.command("submit")
 @_cli._handle_errors
 def jobs_submit(
-    slides: Annotated[list[str], typer.Argument(help="Slide files, or qupath:PROJECT_DIR for "
-                                                "every image of a QuPath project, "
-                                                "qupath:PROJECT_DIR#IMAGE_NAME for one.")],
+    slides: _cli.SourcesArgument,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for the result files (one "
                                              "slide) or one sub-folder per slide (default: "
                                              "HWSI_DATA_DIR/results/<job id>).")] = None,
-    task: Annotated[str, typer.Option("--task", help="vqa, report, caption, classify or "
-                                      "retrieve.")] = "vqa",
-    question: Annotated[str | None, typer.Option("--question", "-q", help="The question (default "
-                                                 "prompt per task except vqa).")] = None,
-    labels: Annotated[str | None, typer.Option("--labels", help="Comma-separated labels "
-                                               "(classify) or texts (retrieve).")] = None,
-    evidence: Annotated[str, typer.Option("--evidence", help="Deepest evidence level: region, "
-                                          "patch, cell or none.")] = "cell",
-    evidence_method: Annotated[str, typer.Option("--evidence-method", help="occlusion, "
-                                                 "grad_x_input or attention.")] = "occlusion",
-    regions: Annotated[Path | None, typer.Option("--regions", help="GeoJSON of areas to analyse "
-                                                 "(e.g. a QuPath export); default: all tissue.")] = None,
-    regions_from_annotations: Annotated[bool, typer.Option(
-        "--regions-from-annotations", help="qupath: sources: analyse only the areas annotated on "
-        "each image.")] = False,
-    classes: Annotated[list[str] | None, typer.Option(
-        "--class", help="With --regions-from-annotations: only annotations of this class "
-        "(repeat).")] = None,
-    write_back: Annotated[bool, typer.Option("--write-back", help="qupath: sources: add the "
-                                             "evidence to each image in the project.")] = False,
+    task: _cli.TaskOption = "vqa",
+    question: _cli.QuestionOption = None,
+    labels: _cli.LabelsOption = None,
+    evidence: _cli.EvidenceOption = "cell",
+    evidence_method: _cli.EvidenceMethodOption = "occlusion",
+    regions: _cli.RegionsOption = None,
+    regions_from_annotations: _cli.RegionsFromAnnotationsOption = False,
+    classes: _cli.ClassOption = None,
+    write_back: _cli.WriteBackOption = False,
     model: Annotated[Path | None, typer.Option("--model", help="Model folder, at the same path "
                                                "on every worker (default: the embedded demo "
                                                "model).")] = None,
     mpp: _cli.MppOption = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sample the answer with this seed "
-                                             "(default: greedy decoding).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    seed: _cli.SeedOption = None,
+    max_new_tokens: _cli.MaxNewTokensOption = 256,
     user: UserOption = None,
 ) -> None:
     """Queue one analysis job per slide for the workers; prints the job ids, one per line.
