@@ -91,12 +91,6 @@ def _settings(**overrides: Any) -> Settings:
     return settings
 
 
-def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
-    """A one-line input error when ``value`` is not one of ``allowed``."""
-    if value not in allowed:
-        raise InputError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
-
-
 QUPATH_REGIONS_FILE = "qupath-regions.geojson"
 """With --regions-from-annotations: the regions of a project image, written beside its result."""
 

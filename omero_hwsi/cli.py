@@ -37,13 +37,12 @@ from omero_hwsi._cli_common import (
     TaskOption,
     WriteBackOption,
     _analysis_slides,
-    _check_choice,
     _handle_errors,
     _settings,
     stderr,
 )
 from omero_hwsi._types import ProgressFn
-from omero_hwsi.errors import HwsiError, InputError, SlideOpenError
+from omero_hwsi.errors import HwsiError, InputError, SlideOpenError, check_choice
 from omero_hwsi.settings import Settings
 
 if TYPE_CHECKING:
@@ -224,8 +223,8 @@ def _check_evidence_options(evidence: str, method: str) -> None:
     from omero_hwsi.inference.evidence import EvidenceDepth
     from omero_hwsi.results.schema import EvidenceMethod
 
-    _check_choice("--evidence", evidence, get_args(EvidenceDepth))
-    _check_choice("--evidence-method", method, get_args(EvidenceMethod))
+    check_choice("--evidence", evidence, get_args(EvidenceDepth))
+    check_choice("--evidence-method", method, get_args(EvidenceMethod))
 
 
 @app.command()
@@ -346,7 +345,7 @@ def analyze(
     from qupath_bridge.project import add_evidence
 
     settings = _settings()
-    _check_choice("--task", task, get_args(Task))
+    check_choice("--task", task, get_args(Task))
     _check_evidence_options(evidence, evidence_method)
     options = ReadOptions.from_settings(settings)
     items = _analysis_slides(slides, from_annotations=regions_from_annotations,
@@ -403,7 +402,7 @@ def synth(
     from omero_hwsi.synthetic.dataset import generate_dataset
 
     _settings()
-    _check_choice("--split", split, ("train", "test"))
+    check_choice("--split", split, ("train", "test"))
     try:
         with _progress_bar("synth") as progress:
             manifest = generate_dataset(out, n_slides=slides, seed=seed, split=split,  # type: ignore[arg-type]

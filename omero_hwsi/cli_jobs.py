@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from omero_hwsi import _cli_common as _cli
-from omero_hwsi.errors import InputError
+from omero_hwsi.errors import InputError, check_choice
 
 if TYPE_CHECKING:
     from shapely.geometry.base import BaseGeometry
@@ -226,7 +226,7 @@ def jobs_list(
     """The lab manager's view: every job, oldest first, as a table, CSV or JSON."""
     from omero_hwsi.jobs.client import CSV_COLUMNS, csv_row, list_jobs, parse_since
 
-    _cli._check_choice("--format", output_format, ("table", "csv", "json"))
+    check_choice("--format", output_format, ("table", "csv", "json"))
     jobs = list_jobs(settings=_cli._settings(), since=parse_since(since) if since else None,
                      states=[s for value in state or [] for s in value.split(",") if s],
                      user=user)

@@ -7,6 +7,8 @@ Messages are one line: what went wrong, with which value, and what to do. The CL
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "CheckpointMismatchError",
     "ConfigError",
@@ -31,6 +33,7 @@ __all__ = [
     "SlideOpenError",
     "SlideReadError",
     "UnknownEncoderError",
+    "check_choice",
 ]
 
 
@@ -139,3 +142,12 @@ class JobNotFoundError(JobError):
 
 class JobFailedError(JobError):
     """The job ended in the failed or dead-letter state."""
+
+
+def check_choice(option: str, value: str, allowed: Sequence[str]) -> None:
+    """Refuse ``value`` of ``option`` in one line (:class:`InputError`) unless it is ``allowed``.
+
+    Every front end (CLI options, job requests) names the option and its vocabulary the same way.
+    """
+    if value not in allowed:
+        raise InputError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from omero_hwsi.errors import HwsiError, InputError, ServiceError
+from omero_hwsi.errors import HwsiError, InputError, ServiceError, check_choice
 from omero_hwsi.jobs._db import redact
 from omero_hwsi.jobs.keys import (
     KEY_VERSION,
@@ -55,11 +55,6 @@ CSV_COLUMNS: Final = ("job_id", "state", "stage", "progress", "task", "input", "
 """The columns of ``hwsi jobs list --format csv``, in this order."""
 
 
-def _check(option: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise InputError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
-
-
 @dataclass(frozen=True, slots=True)
 class JobRequest:
     """What to ask about each slide: the options of ``hwsi analyze``.
@@ -79,9 +74,9 @@ class JobRequest:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        _check("--task", self.task, TASKS)
-        _check("--evidence", self.evidence, EVIDENCE_DEPTHS)
-        _check("--evidence-method", self.evidence_method, EVIDENCE_METHODS)
+        check_choice("--task", self.task, TASKS)
+        check_choice("--evidence", self.evidence, EVIDENCE_DEPTHS)
+        check_choice("--evidence-method", self.evidence_method, EVIDENCE_METHODS)
         if self.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.mpp is not None and not self.mpp > 0:
@@ -266,7 +261,7 @@ def list_jobs(*, settings: Settings, since: datetime | None = None,
         InputError: an unknown state.
     """
     for state in states:
-        _check("--state", state, STATES)
+        check_choice("--state", state, STATES)
     return _ledger(settings).list_jobs(since=since, states=states, user=user)
 
 
