@@ -458,24 +458,25 @@ class Ledger:
                                message=f"{note} (attempt {row.attempts})"))
             return Claim("run", note, Job.from_row(row))
 
-    def heartbeat(self, job_id: str, *, runner: str) -> bool:
-        """Record a sign of life; False when this task no longer owns the job."""
-        with self._transaction() as session:
-            result = session.execute(
-                update(JobRow).where(JobRow.id == job_id, JobRow.runner == runner,
-                                     JobRow.state == "running").values(heartbeat=utcnow()))
-            return bool(getattr(result, "rowcount", 0))
+    def heartbeat(self, job_id: str, *, runner: str) -> str:
+        """Record a sign of life; ``ok``, or why to stop: ``cancelled`` or ``superseded``."""
+        return self._touch(job_id, runner=runner, fraction=None)
 
     def progress(self, job_id: str, *, runner: str, fraction: float) -> str:
-        """Record progress and return ``ok``, ``cancelled`` or ``superseded`` (stop working)."""
+        """Record progress; ``ok``, or why to stop: ``cancelled`` or ``superseded``."""
+        return self._touch(job_id, runner=runner, fraction=fraction)
+
+    def _touch(self, job_id: str, *, runner: str, fraction: float | None) -> str:
+        """The heartbeat (and progress, when given) of the task that owns a running job."""
         with self._transaction() as session:
             row = self._locked(session, job_id)
             if row is None or row.state == "cancelled":
                 return "cancelled"
             if row.state != "running" or row.runner != runner:
                 return "superseded"
-            now = utcnow()
-            row.progress, row.heartbeat = min(max(fraction, 0.0), 1.0), now
+            row.heartbeat = utcnow()
+            if fraction is not None:
+                row.progress = min(max(fraction, 0.0), 1.0)
             return "ok"
 
     def _owned(self, session: Session, job_id: str, runner: str) -> JobRow | None:

@@ -118,8 +118,9 @@ class _Context:
         def beat() -> None:
             while not done.wait(self.settings.heartbeat_seconds):
                 try:
-                    if not self.ledger.heartbeat(self.job.id, runner=self.runner):
-                        self.stopped = self.stopped or "superseded"
+                    status = self.ledger.heartbeat(self.job.id, runner=self.runner)
+                    if status != "ok":
+                        self.stopped = self.stopped or status
                 except HwsiError as err:  # the database is away: try again next beat
                     logger.warning("job %s: heartbeat failed: %s", self.job.id, err)
 

@@ -138,7 +138,18 @@ def test_a_stale_task_is_taken_over_and_the_restart_counted(ledger):
     # The earlier task, if it still runs, learns at its next progress call that it lost the job.
     assert ledger.progress("job-1", runner="t1", fraction=0.5) == "superseded"
     assert ledger.progress("job-1", runner="t2", fraction=0.5) == "ok"
-    assert not ledger.heartbeat("job-1", runner="t1")
+    assert ledger.heartbeat("job-1", runner="t1") == "superseded"
+    assert ledger.heartbeat("job-1", runner="t2") == "ok"
+
+
+def test_the_heartbeat_of_a_cancelled_job_says_cancelled_not_superseded(ledger):
+    # The heartbeat thread is often first to notice a cancellation; the task must report it so.
+    _insert(ledger)
+    ledger.claim("job-1", "prepare", runner="t1", worker="w1", retries=2, stale_seconds=60)
+    assert ledger.heartbeat("job-1", runner="t1") == "ok"
+    ledger.cancel("job-1", user="alice")
+    assert ledger.heartbeat("job-1", runner="t1") == "cancelled"
+    assert ledger.progress("job-1", runner="t1", fraction=0.5) == "cancelled"
 
 
 def test_stages_advance_and_outputs_are_registered_once(ledger):
