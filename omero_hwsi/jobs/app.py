@@ -7,9 +7,12 @@
   ``worker_prefetch_multiplier = 1`` (a busy worker holds no one else's work).
 - Time: ``HWSI_MAX_TASK_SECONDS`` is the soft limit (the task records a one-line failure), the
   hard limit is a little later (the pool process is killed), and Redis's ``visibility_timeout``
-  later still, so Redis never hands a running task to a second worker. Time limits need the
-  prefork pool, which ``hwsi worker`` always uses. RabbitMQ has its own ``consumer_timeout``
-  (30 min by default, a server setting): raise it above the hard limit (``workers.md``).
+  later still, so Redis never hands a running task to a second worker. Every Redis worker looks
+  for such expired messages every ``unacked_restore_interval`` (10 s): kombu's default scans on
+  one call in ten only, which would leave a killed worker's message waiting up to 100 s past its
+  timeout. Time limits need the prefork pool, which ``hwsi worker`` always uses. RabbitMQ has
+  its own ``consumer_timeout`` (30 min by default, a server setting): raise it above the hard
+  limit (``workers.md``).
 - Queues ``cpu``, ``gpu`` and ``io`` (:mod:`omero_hwsi.jobs.routing`).
 - No ``HWSI_BROKER_URL``: the embedded single-machine transport, kombu's SQLAlchemy transport on
   SQLite (``<data_dir>/broker.sqlite``). It needs no server and is safe with several worker
@@ -64,7 +67,8 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     if broker.startswith(("sqla+", "sqlalchemy+")):
         return sqlite_transport_options() if "sqlite" in broker.split("://", 1)[0] else {}
     if broker.startswith(("redis://", "rediss://", "redis+socket://")):
-        return {"visibility_timeout": time_limits(settings)[2]}
+        return {"visibility_timeout": time_limits(settings)[2], "unacked_restore_interval": 10,
+                "unacked_restore_throttle": 1}
     return {}
 
 

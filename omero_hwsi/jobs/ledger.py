@@ -38,7 +38,6 @@ from sqlalchemy import (
     UniqueConstraint,
     delete,
     select,
-    update,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -154,6 +153,8 @@ class Job:
         progress: fraction of ``stage`` done, in [0, 1].
         heartbeat: last sign of life of the task running it (UTC).
         attempts: starts of the job (1 without incident).
+        runner: the Celery task id of the task that claimed ``stage`` (None once handed on or
+            ended; kept on cancellation, so a cancel can revoke that task id).
         task: ``vqa``, ``report``, ``caption``, ``classify`` or ``retrieve``.
         input: the slide as submitted (a path).
         user: who requested it.
@@ -171,6 +172,7 @@ class Job:
     progress: float
     heartbeat: datetime | None
     attempts: int
+    runner: str | None
     task: str
     input: str
     user: str
@@ -185,8 +187,8 @@ class Job:
     def from_row(cls, row: JobRow) -> Job:
         return cls(id=row.id, key=row.key, state=row.state,  # type: ignore[arg-type]
                    stage=row.stage, progress=row.progress, heartbeat=row.heartbeat,
-                   attempts=row.attempts, task=row.task, input=row.input, user=row.user,
-                   model=row.model, params=dict(row.params), out_dir=row.out_dir,
+                   attempts=row.attempts, runner=row.runner, task=row.task, input=row.input,
+                   user=row.user, model=row.model, params=dict(row.params), out_dir=row.out_dir,
                    error=row.error, created=row.created, updated=row.updated)
 
     def to_dict(self) -> dict[str, Any]:

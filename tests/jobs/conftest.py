@@ -1,20 +1,25 @@
-"""Job-system fixtures: private PostgreSQL database and Redis db, real worker subprocesses.
+"""Job-system fixtures: private PostgreSQL database, Redis db, RabbitMQ vhost, real workers.
 
 Nothing is mocked and nothing runs in eager mode: workers are ``hwsi worker`` processes (the
-prefork pool), the broker is the embedded SQLite transport or the local Redis, the ledger SQLite
-or the local PostgreSQL. Each test session creates its own PostgreSQL database (dropped at the
-end) and takes an empty Redis db number (flushed at the end), so the shared services stay clean.
+prefork pool), the broker is the embedded SQLite transport, the local Redis or RabbitMQ, the
+ledger SQLite or the local PostgreSQL. Each test session creates its own PostgreSQL databases
+(dropped at the end), takes an empty Redis db number (flushed at the end) and creates its own
+RabbitMQ vhost (deleted at the end), so the shared services stay clean. A test that restarts its
+broker gets a private ``redis-server`` of its own (:func:`private_redis`); the shared one is
+never restarted.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +84,91 @@ def redis_url() -> Iterator[str]:
     client.flushdb()
 
 
+def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """An AMQP URL on a private vhost of the local RabbitMQ, deleted after the session.
+
+    A vhost of its own keeps the test's queues, messages and pidbox exchanges apart from
+    anything else on the server (``rabbitmqctl`` must be usable, e.g. as root).
+    """
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=5).close()
+    except OSError as err:
+        pytest.skip(f"RabbitMQ on 127.0.0.1:5672 is not reachable (make services): {err}")
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed: cannot create a private RabbitMQ vhost")
+    vhost = f"hwsi_test_{uuid.uuid4().hex[:12]}"
+    created = _rabbitmqctl("add_vhost", vhost)
+    if created.returncode != 0:
+        pytest.skip(f"cannot create a RabbitMQ vhost: {created.stderr.strip()[-300:]}")
+    try:
+        allowed = _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        assert allowed.returncode == 0, allowed.stderr
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+@dataclass
+class PrivateRedis:
+    """A ``redis-server`` of one test, on a free port, persisting nothing: a restart loses all."""
+
+    root: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        if not self.port:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
+        log = (self.root / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.root)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        client = redis.Redis("127.0.0.1", self.port, socket_timeout=2)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: every message in it is gone, as after a crash without persistence."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A private Redis server a test may kill and restart (never the shared one on 6379)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    root = tmp_path / "redis"
+    root.mkdir()
+    server = PrivateRedis(root)
+    server.start()
+    yield server
+    server.kill()
+
+
 @pytest.fixture
 def jobs_env(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """HWSI_* settings for fast jobs in tmp (also set in this process, for the CLI and client)."""
@@ -98,11 +188,14 @@ class Workers:
     root: Path
     procs: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
 
-    def start(self, env: dict[str, str], *, queues: str, name: str) -> subprocess.Popen[bytes]:
+    def start(self, env: dict[str, str], *, queues: str, name: str,
+              program: Sequence[str] = ("-m", "omero_hwsi.cli")) -> subprocess.Popen[bytes]:
+        """Start ``hwsi worker`` in its own process group; ``program`` replaces ``-m
+        omero_hwsi.cli`` for a test wrapper that runs the same CLI (``poison_worker.py``)."""
         log = self.root / f"worker-{name}.log"
         handle = log.open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "omero_hwsi.cli", "worker", "--queues", queues,
+            [sys.executable, *program, "worker", "--queues", queues,
              "--concurrency", "1", "--name", f"{name}@%h"],
             env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         handle.close()

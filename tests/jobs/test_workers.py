@@ -8,6 +8,7 @@ truncated ``broken.svs``, whose job must fail with its one-line error while the 
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,31 @@ def test_cancel_stops_a_running_job_at_its_next_progress_call(synthetic_slide, j
     job = ledger.find(job_id)
     assert job.state == "cancelled" and job.stage == "features" and job.progress < 1
     assert ledger.outputs(job_id) == [] and not Path(job.out_dir).exists()
+
+
+@pytest.mark.slow
+def test_cancel_revokes_the_running_task_where_the_broker_broadcasts(
+        fixture_slide, jobs_env, workers, redis_url, monkeypatch):
+    monkeypatch.setenv("HWSI_BROKER_URL", redis_url)
+    # A long stale time: the task below stays "alive" and the worker drops its duplicate.
+    env = {**jobs_env, "HWSI_BROKER_URL": redis_url, "HWSI_STALE_SECONDS": "600"}
+    monkeypatch.setenv("HWSI_STALE_SECONDS", "600")
+    job_id = hwsi("jobs", "submit", str(fixture_slide("CMU-1-Small-Region.svs")),
+                  *SUBMIT).stdout.strip()
+    ledger = Ledger(load_settings().ledger_url)
+    runner = f"revoke-me-{uuid.uuid4()}"
+    assert ledger.claim(job_id, "prepare", runner=runner, worker="elsewhere@node", retries=2,
+                        stale_seconds=600).outcome == "run"
+    workers.start(env, queues="cpu,gpu,io", name="node")
+    log = workers.root / "worker-node.log"
+    wait_for(lambda: "node@" in log.read_text() and " ready." in log.read_text(), timeout=120,
+             what="the worker to be ready")
+    cancelled = hwsi("jobs", "cancel", job_id)
+    assert cancelled.exit_code == 0, cancelled.output
+    assert ledger.find(job_id).state == "cancelled"
+    # terminate=False: the worker only flags the id, so a redelivered copy is discarded.
+    wait_for(lambda: f"Tasks flagged as revoked: {runner}" in log.read_text(), timeout=60,
+             what="the worker to receive the revoke broadcast")
 
 
 @pytest.mark.slow
