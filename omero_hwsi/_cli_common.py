@@ -38,7 +38,8 @@ MppOption = Annotated[
 # The sources and options of one analysis, shared by `hwsi analyze` and `hwsi jobs submit`.
 SourcesArgument = Annotated[list[str], typer.Argument(
     help="Slide files, or qupath:PROJECT_DIR for every image of a QuPath project, "
-         "qupath:PROJECT_DIR#IMAGE_NAME for one.")]
+         "qupath:PROJECT_DIR#IMAGE_NAME for one; hwsi jobs submit also takes "
+         "omero:image/ID, omero:dataset/ID and omero:project/ID.")]
 TaskOption = Annotated[str, typer.Option("--task", help="vqa, report, caption, classify or "
                                          "retrieve.")]
 QuestionOption = Annotated[str | None, typer.Option(
@@ -126,6 +127,10 @@ def _analysis_slides(sources: list[str], *, from_annotations: bool, classes: lis
     """The slides the sources stand for; arguments are checked before QuPath is started."""
     from qupath_bridge.project import parse_source, project_regions, source_images
 
+    remote = [text for text in sources if text.strip().lower().startswith("omero:")]
+    if remote:
+        raise InputError(f"{remote[0]}: OMERO images are analysed by workers, which write the "
+                         "results back to OMERO; queue them with hwsi jobs submit")
     parsed = [(text, parse_source(text)) for text in sources]
     _check_qupath_options(any(source for _, source in parsed), from_annotations, classes,
                           write_back, regions)

@@ -323,8 +323,8 @@ def analyze(
     regions_from_annotations: RegionsFromAnnotationsOption = False,
     classes: ClassOption = None,
     write_back: WriteBackOption = False,
-    model: Annotated[Path | None, typer.Option("--model", help="Model folder (default: the "
-                                               "embedded demo model).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Model folder (default: HWSI_MODEL, "
+                                               "else the embedded demo model).")] = None,
     mpp: MppOption = None,
     seed: SeedOption = None,
     max_new_tokens: MaxNewTokensOption = 256,
@@ -361,7 +361,7 @@ def analyze(
         regions=regions, mpp=mpp,
         decoding=Decoding(max_new_tokens=max_new_tokens, do_sample=seed is not None, seed=seed),
     )
-    pipeline = HwsiPipeline.from_pretrained(model or default_model(), device=device)
+    pipeline = HwsiPipeline.from_pretrained(model or settings.model or default_model(), device=device)
     for item, target in zip(items, targets, strict=True):
         slide_request = request
         if item.regions is not None:
@@ -610,8 +610,10 @@ def evaluate_command(
 
 # The job system's commands live in cli_jobs.py.
 from omero_hwsi.cli_jobs import jobs_app, worker  # noqa: E402
+from omero_hwsi.cli_omero import omero_app  # noqa: E402
 
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(omero_app, name="omero")
 app.command("worker")(worker)
 
 

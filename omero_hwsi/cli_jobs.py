@@ -26,6 +26,7 @@ from omero_hwsi.errors import InputError, check_choice
 if TYPE_CHECKING:
     from shapely.geometry.base import BaseGeometry
 
+    from omero_hwsi.jobs.client import OmeroJobInput
     from omero_hwsi.jobs.ledger import Job
     from omero_hwsi.settings import Settings
 
@@ -78,8 +79,8 @@ def jobs_submit(
     classes: _cli.ClassOption = None,
     write_back: _cli.WriteBackOption = False,
     model: Annotated[Path | None, typer.Option("--model", help="Model folder, at the same path "
-                                               "on every worker (default: the embedded demo "
-                                               "model).")] = None,
+                                               "on every worker (default: HWSI_MODEL, else "
+                                               "the embedded demo model).")] = None,
     mpp: _cli.MppOption = None,
     seed: _cli.SeedOption = None,
     max_new_tokens: _cli.MaxNewTokensOption = 256,
@@ -87,8 +88,11 @@ def jobs_submit(
 ) -> None:
     """Queue one analysis job per slide for the workers; prints the job ids, one per line.
 
-    Takes the sources and options of `hwsi analyze`. Submitting the same slide, question,
-    options and model again prints the same job id and queues nothing (notes on stderr).
+    Takes the sources and options of `hwsi analyze`, and OMERO sources (omero:image/ID,
+    omero:dataset/ID, omero:project/ID) whose results workers write back to OMERO as --user
+    (the OMERO user; needs HWSI_OMERO_* settings; --regions-from-annotations analyses only
+    inside the image's own ROIs). Submitting the same slide, question, options and model again
+    prints the same job id and queues nothing (notes on stderr).
     """
     from omero_hwsi.jobs.client import JobInput, JobRequest, submit
     from omero_hwsi.plan import output_dirs
@@ -100,24 +104,60 @@ def jobs_submit(
         labels=tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else (),
         evidence=evidence, evidence_method=evidence_method, regions=regions, mpp=mpp,
         max_new_tokens=max_new_tokens, seed=seed)
-    items = _cli._analysis_slides(slides, from_annotations=regions_from_annotations,
-                                  classes=classes or [], write_back=write_back, regions=regions,
-                                  options=ReadOptions.from_settings(settings))
+    remote = [s for s in slides if s.strip().lower().startswith("omero:")]
+    local = [s for s in slides if s not in remote]
+    items = (_cli._analysis_slides(local, from_annotations=regions_from_annotations,
+                                   classes=classes or [], write_back=write_back,
+                                   regions=regions, options=ReadOptions.from_settings(settings))
+             if local else [])
+    if remote and not local and (classes or write_back):
+        raise InputError("--class and --write-back are for QuPath project sources; OMERO "
+                         "results are always written back")
     targets: list[Path | None] = (list(output_dirs([i.path for i in items], out)) if out
                                   else [None] * len(items))
-    inputs = [JobInput(item.path, out_dir=target,
-                       regions=None if item.regions is None else _regions_file(item.regions,
-                                                                               settings),
-                       qupath_project=item.project if write_back else None,
-                       qupath_image=item.image if write_back else None)
-              for item, target in zip(items, targets, strict=True)]
-    for item, submission in zip(items, submit(inputs, request, settings=settings, model=model,
-                                              user=user), strict=True):
+    inputs: list[JobInput | OmeroJobInput] = [
+        JobInput(item.path, out_dir=target,
+                 regions=None if item.regions is None else _regions_file(item.regions, settings),
+                 qupath_project=item.project if write_back else None,
+                 qupath_image=item.image if write_back else None)
+        for item, target in zip(items, targets, strict=True)]
+    labels_of = [item.label for item in items]
+    if remote:
+        for label, item in _omero_inputs(remote, settings=settings, user=user,
+                                         restrict=regions_from_annotations, out=out):
+            labels_of.append(label)
+            inputs.append(item)
+    for label, submission in zip(labels_of, submit(inputs, request, settings=settings,
+                                                   model=model, user=user), strict=True):
         job = submission.job
         note = (f"queued as job {job.id}" if submission.created else
                 f"already submitted as job {job.id} ({job.state}; results in {job.out_dir})")
-        _cli.stderr.print(f"{item.label}: {note}", markup=False, highlight=False, soft_wrap=True)
+        _cli.stderr.print(f"{label}: {note}", markup=False, highlight=False, soft_wrap=True)
         typer.echo(job.id)
+
+
+def _omero_inputs(sources: list[str], *, settings: Settings, user: str | None, restrict: bool,
+                  out: Path | None) -> list[tuple[str, OmeroJobInput]]:
+    """The pyramid images OMERO sources stand for, as ``user`` sees them (skips on stderr)."""
+    from omero_hwsi.jobs.client import default_user
+    from omero_hwsi.omero.connect import omero_connection
+    from omero_hwsi.omero.images import parse_omero_source, resolve_images
+    from omero_hwsi.omero.script_actions import job_inputs
+
+    parsed = [parse_omero_source(text) for text in sources]  # refuse typos before connecting
+    found: list[tuple[str, OmeroJobInput]] = []
+    with omero_connection(settings, user=user or default_user()) as conn:
+        for kind, object_id in parsed:
+            resolution = resolve_images(conn, kind, [object_id])
+            accepted, skipped = job_inputs(conn, resolution.images, write_rois=True,
+                                           restrict_to_rois=restrict, out=out)
+            for line in resolution.skipped + skipped:
+                _cli.stderr.print(f"skipped {line}", markup=False, highlight=False)
+            found += [(f"omero:image/{item.image.id} ({item.image.name})", item)
+                      for item in accepted]
+    if not found:
+        raise InputError(f"nothing to analyse in {', '.join(sources)}")
+    return found
 
 
 def _describe(job: Job) -> dict[str, str]:

@@ -47,6 +47,9 @@ class Settings:
         "Root for caches, feature stores and results; shared by all workers."))
     feature_dir: Path | None = field(default=None, metadata=_doc(
         "Where feature stores are written (default `<data_dir>/features`)."))
+    model: Path | None = field(default=None, metadata=_doc(
+        "Model folder used when a command, job or OMERO script names none (default: the "
+        "embedded demo model)."))
     model_dir: Path | None = field(default=None, metadata=_doc(
         "Where models, tokenizers and encoder weights are looked up (default `<data_dir>/models`)."))
     target_mpp: float = field(default=0.5, metadata=_doc(
@@ -106,6 +109,21 @@ class Settings:
     reconcile_seconds: float = field(default=30.0, metadata=_doc(
         "How often each worker runs the reconciler (also once at worker start)."))
 
+    omero_host: str = field(default="", metadata=_doc(
+        "OMERO server host the workers and `hwsi omero` connect to; unset: no OMERO."))
+    omero_port: int = field(default=4064, metadata=_doc(
+        "OMERO server port (4064: Ice over TLS)."))
+    omero_user: str = field(default="", metadata=_doc(
+        "OMERO service account with the Sudo privilege; it acts as each job's requesting user."))
+    omero_password_file: Path | None = field(default=None, metadata=_doc(
+        "File holding the service account's password (one line; keep it mode 0600). The "
+        "password itself is never a setting, never logged and never put in a message."))
+    omero_cache_max_bytes: int = field(default=200_000_000_000, metadata=_doc(
+        "Size limit of the cache of slides downloaded from OMERO (`<data_dir>/omero-cache`); "
+        "least recently used slides are evicted past it."))
+    omero_web_url: str = field(default="", metadata=_doc(
+        "OMERO.web address (e.g. `https://omero.lab/`) for links in reports and report indexes."))
+
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
             (self.target_mpp > 0, f"target_mpp must be > 0, got {self.target_mpp}"),
@@ -148,6 +166,9 @@ class Settings:
             (self.requeue_seconds > 0, f"requeue_seconds must be > 0, got {self.requeue_seconds}"),
             (self.reconcile_seconds > 0,
              f"reconcile_seconds must be > 0, got {self.reconcile_seconds}"),
+            (0 < self.omero_port < 65536, f"omero_port must be in 1..65535, got {self.omero_port}"),
+            (self.omero_cache_max_bytes > 0,
+             f"omero_cache_max_bytes must be > 0, got {self.omero_cache_max_bytes}"),
         ]
         for ok, message in checks:
             if not ok:

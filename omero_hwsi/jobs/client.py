@@ -13,6 +13,7 @@ interpreter): an OMERO server's Python can enqueue work for GPU workers.
 from __future__ import annotations
 
 import getpass
+import logging
 import re
 import socket
 from collections.abc import Sequence
@@ -31,15 +32,18 @@ from omero_hwsi.jobs.keys import (
     model_identity,
 )
 from omero_hwsi.jobs.ledger import STATES, Event, Job, Ledger, Output, utcnow
+from omero_hwsi.omero.images import OmeroImage, pixel_route
 from omero_hwsi.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ["ANALYSIS_SETTINGS", "CSV_COLUMNS", "EVIDENCE_DEPTHS", "EVIDENCE_METHODS", "TASKS",
-           "JobInput", "JobRequest", "Submission", "cancel", "csv_row", "default_user", "events",
-           "list_jobs", "outputs", "parse_duration", "parse_since", "prune", "retry", "status",
-           "submit"]
+           "JobInput", "JobRequest", "OmeroJobInput", "Submission", "cancel", "csv_row",
+           "default_user", "events", "list_jobs", "outputs", "parse_duration", "parse_since",
+           "prune", "retry", "status", "submit"]
+
+logger = logging.getLogger(__name__)
 
 TASKS: Final = ("vqa", "report", "caption", "classify", "retrieve")
 """The analysis tasks (``omero_hwsi.inference.pipeline.Task``; a test keeps them in step)."""
@@ -151,9 +155,77 @@ def _ledger(settings: Settings) -> Ledger:
     return Ledger(settings.ledger_url)
 
 
-def submit(inputs: Sequence[JobInput], request: JobRequest, *, settings: Settings,
-           model: Path | None = None, user: str | None = None) -> list[Submission]:
+@dataclass(frozen=True, slots=True)
+class OmeroJobInput:
+    """One OMERO image to analyse (resolved by :func:`omero_hwsi.omero.images.resolve_images`).
+
+    Attributes:
+        image: the pyramid image, its group and its original files' stored hashes.
+        server: the OMERO server's database UUID (``omero.db.uuid``): ids are per server.
+        write_rois: write the evidence regions back as ROIs (files and key-values always are).
+        restrict_to_rois: analyse only inside the image's existing ROIs (not ours).
+        rois_sha256: the digest of those ROIs' area at submission
+            (:func:`omero_hwsi.omero.rois.regions_digest`), so edited ROIs make another job.
+        out_dir: where its result files go (default ``<data_dir>/results/<job id>``).
+    """
+
+    image: OmeroImage
+    server: str
+    write_rois: bool = True
+    restrict_to_rois: bool = False
+    rois_sha256: str | None = None
+    out_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """What the ledger records about one input, whatever its kind."""
+
+    label: str
+    checksum: str
+    identity: dict[str, Any]
+    params: dict[str, Any]
+    out_dir: Path | None
+
+
+def _file_item(item: JobInput, request: JobRequest, cache: DigestCache) -> _Item:
+    slide = item.slide.resolve()
+    checksum = cache.slide(slide)
+    regions = item.regions or request.regions
+    regions = regions.resolve() if regions is not None else None
+    return _Item(
+        label=str(slide), checksum=checksum, out_dir=item.out_dir,
+        identity={"sha256": checksum,
+                  "regions_sha256": cache.file(regions) if regions is not None else None},
+        params={"slide": str(slide), "slide_sha256": checksum,
+                "regions": None if regions is None else str(regions),
+                "qupath": None if item.qupath_project is None else {
+                    "project": str(item.qupath_project.resolve()), "image": item.qupath_image}})
+
+
+def _omero_item(item: OmeroJobInput) -> _Item:
+    image = item.image
+    checksum = image.files_sha256
+    return _Item(
+        label=f"omero:image/{image.id}", checksum=checksum, out_dir=item.out_dir,
+        identity={"omero_server": item.server, "omero_image": image.id,
+                  "files_sha256": checksum, "write_rois": item.write_rois,
+                  "restrict_to_rois": item.restrict_to_rois, "rois_sha256": item.rois_sha256},
+        params={"slide": None, "slide_sha256": None, "regions": None, "qupath": None,
+                "omero": {"server": item.server, "image": image.id, "name": image.name,
+                          "group": image.group, "files_sha256": checksum,
+                          "route": pixel_route(image), "write_rois": item.write_rois,
+                          "restrict_to_rois": item.restrict_to_rois,
+                          "rois_sha256": item.rois_sha256}})
+
+
+def submit(inputs: Sequence[JobInput | OmeroJobInput], request: JobRequest, *,
+           settings: Settings, model: Path | None = None,
+           user: str | None = None) -> list[Submission]:
     """Record one job per input and queue the new ones; existing jobs are returned as they are.
+
+    A file input is identified by its SHA-256, an OMERO image by the server, the image id and
+    the hashes OMERO stored for its original files (no download needed).
 
     Raises:
         InputError: a slide or regions file is missing (checked before anything is recorded).
@@ -162,48 +234,42 @@ def submit(inputs: Sequence[JobInput], request: JobRequest, *, settings: Setting
     """
     from omero_hwsi.plan import default_model, expected_features
 
-    missing = [str(item.slide) for item in inputs if not item.slide.is_file()]
-    missing += [str(r) for item in inputs
+    files = [item for item in inputs if isinstance(item, JobInput)]
+    missing = [str(item.slide) for item in files if not item.slide.is_file()]
+    missing += [str(r) for item in files
                 if (r := item.regions or request.regions) is not None and not r.is_file()]
     if missing:
         raise InputError(f"file(s) not found: {', '.join(missing)}")
     user = user or default_user()
     cache = DigestCache(settings.data_dir / "cache")
+    model = model or settings.model
     folder = (model or default_model()).resolve()
     identity = model_identity(folder, cache)
     expected = expected_features(folder) or {}
     encoders = [str(expected.get(scale, {}).get("id", default))
                 for scale, default in (("patch", "hed_texture"), ("region", "layout"))]
     analysis = {name: getattr(settings, name) for name in ANALYSIS_SETTINGS}
+    common = {"task": request.task, "question": request.question,
+              "labels": list(request.labels), "evidence": request.evidence,
+              "evidence_method": request.evidence_method, "mpp": request.mpp,
+              "decoding": request.decoding(), "settings": analysis}
     ledger = _ledger(settings)
     host = socket.gethostname()
     submitted: list[Submission] = []
     for item in inputs:
-        slide = item.slide.resolve()
-        checksum = cache.slide(slide)
-        regions = item.regions or request.regions
-        regions = regions.resolve() if regions is not None else None
-        common = {"task": request.task, "question": request.question,
-                  "labels": list(request.labels), "evidence": request.evidence,
-                  "evidence_method": request.evidence_method, "mpp": request.mpp,
-                  "decoding": request.decoding(), "settings": analysis}
-        key = canonical_json({
-            "v": KEY_VERSION, **common,
-            "input": {"sha256": checksum,
-                      "regions_sha256": cache.file(regions) if regions is not None else None},
-            "model": identity,
-        })
+        entry = (_file_item(item, request, cache) if isinstance(item, JobInput)
+                 else _omero_item(item))
+        key = canonical_json({"v": KEY_VERSION, **common, "input": entry.identity,
+                              "model": identity})
         job_id = job_id_for(key)
-        out_dir = (item.out_dir or settings.data_dir / "results" / job_id).resolve()
-        params = {**common, "slide": str(slide), "slide_sha256": checksum,
-                  "regions": None if regions is None else str(regions),
+        out_dir = (entry.out_dir or settings.data_dir / "results" / job_id).resolve()
+        params = {**common, **entry.params,
                   "model": {**identity, "path": None if model is None else str(folder)},
-                  "encoders": encoders,
-                  "qupath": None if item.qupath_project is None else {
-                      "project": str(item.qupath_project.resolve()), "image": item.qupath_image}}
+                  "encoders": encoders}
         job, created = ledger.insert(
-            job_id=job_id, key=key, task=request.task, input=str(slide), input_sha256=checksum,
-            user=user, model=f"{identity['id']}@{identity['sha256'][:12]}", params=params,
+            job_id=job_id, key=key, task=request.task, input=entry.label,
+            input_sha256=entry.checksum, user=user,
+            model=f"{identity['id']}@{identity['sha256'][:12]}", params=params,
             out_dir=str(out_dir), host=host)
         if created:
             _send(settings, job, {})
@@ -235,10 +301,31 @@ def outputs(ref: str, *, settings: Settings) -> list[Output]:
 def cancel(ref: str, *, settings: Settings, user: str | None = None) -> tuple[Job, bool]:
     """Cancel a queued or running job; a running task stops at its next progress call.
 
-    Returns the job and whether it was cancelled by this call (False: it had already ended).
+    The ledger is what stops the job. With Redis or RabbitMQ the running task's id is also
+    revoked (:func:`_revoke`). Returns the job and whether it was cancelled by this call
+    (False: it had already ended).
     """
     ledger = _ledger(settings)
-    return ledger.cancel(ledger.find(ref).id, user=user or default_user())
+    job, changed = ledger.cancel(ledger.find(ref).id, user=user or default_user())
+    if changed and job.runner is not None and settings.broker_url:
+        _revoke(settings, job.runner)
+    return job, changed
+
+
+def _revoke(settings: Settings, task_id: str) -> None:
+    """Broadcast ``revoke`` of a cancelled job's running task (``terminate=False``).
+
+    An extra for brokers that broadcast: every worker running now remembers the id and
+    acknowledges a copy of that message delivered again (after its worker died) without running
+    it. The task itself is not interrupted; it stops at its next ledger progress call, so a
+    broadcast that fails changes nothing and is only logged.
+    """
+    try:
+        _app(settings).control.revoke(task_id, terminate=False)
+    except Exception as err:  # kombu/redis/amqp errors: the ledger has cancelled the job
+        logger.warning("could not broadcast revoke of task %s on %s (%s: %s); the job is "
+                       "cancelled in the ledger all the same", task_id,
+                       redact(settings.broker), type(err).__name__, err)
 
 
 def retry(ref: str, *, settings: Settings, user: str | None = None) -> Job:

@@ -133,18 +133,26 @@ class _Context:
             thread.join(timeout=5)
 
 
-def _regions(params: dict[str, Any]) -> Path | None:
-    return Path(params["regions"]) if params.get("regions") else None
+def _regions(params: dict[str, Any], payload: dict[str, Any]) -> Path | None:
+    """The regions file: the submitted one, or the one made from an OMERO image's ROIs."""
+    found = params.get("regions") or payload.get("regions_file")
+    return Path(found) if found else None
 
 
-def _request(params: dict[str, Any]) -> AnalysisRequest:
+def _slide(params: dict[str, Any], payload: dict[str, Any]) -> str:
+    """The slide file: the submitted path, or the local copy ``prepare`` pulled from OMERO."""
+    return str(payload.get("slide") or params["slide"])
+
+
+def _request(params: dict[str, Any], payload: dict[str, Any]) -> AnalysisRequest:
     """The job's :class:`AnalysisRequest` from its JSON parameters (imports torch: ``infer``)."""
     from omero_hwsi.analysis import AnalysisRequest
     from omero_hwsi.inference.pipeline import Decoding
 
     return AnalysisRequest(task=params["task"], question=params.get("question"),
                            labels=tuple(params.get("labels", ())), evidence=params["evidence"],
-                           evidence_method=params["evidence_method"], regions=_regions(params),
+                           evidence_method=params["evidence_method"],
+                           regions=_regions(params, payload),
                            mpp=params.get("mpp"), decoding=Decoding(**params["decoding"]))
 
 
@@ -187,20 +195,31 @@ def _prepare(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
 
     params, settings = ctx.params, ctx.job_settings
     cache = DigestCache(ctx.settings.data_dir / "cache")
-    slide = Path(params["slide"])
-    if not slide.is_file():
-        raise InputError(f"{slide}: slide not found on this worker; HWSI_DATA_DIR and the slides "
-                         "must be shared at the same paths on every machine")
-    checksum = cache.slide(slide)
-    if checksum != params["slide_sha256"]:
-        raise InputError(f"{slide}: the file changed after the job was submitted; submit it again")
-    regions = _regions(params)
+    artifacts: dict[str, Any] = {}
+    if params.get("omero"):
+        from omero_hwsi.omero.stages import pull_for_job
+
+        slide, pulled_regions = pull_for_job(ctx.settings, user=ctx.job.user, params=params,
+                                             staging=ctx.staging, progress=ctx.progress)
+        checksum = cache.slide(slide)
+        artifacts = {"slide": str(slide),
+                     "regions_file": None if pulled_regions is None else str(pulled_regions)}
+    else:
+        slide = Path(params["slide"])
+        if not slide.is_file():
+            raise InputError(f"{slide}: slide not found on this worker; HWSI_DATA_DIR and the "
+                             "slides must be shared at the same paths on every machine")
+        checksum = cache.slide(slide)
+        if checksum != params["slide_sha256"]:
+            raise InputError(f"{slide}: the file changed after the job was submitted; submit "
+                             "it again")
+    regions = _regions(params, artifacts)
     restrict = (read_regions(regions, options=ReadOptions.from_settings(settings))
                 if regions is not None else None)
     expected = expected_features(_model_dir(params, cache))
     hierarchy = prepare_slide(slide, grid_spec(expected, settings), mpp=params.get("mpp"),
                               mpp_tolerance=settings.mpp_tolerance, restrict=restrict)
-    return {"slide_sha256": checksum, "regions": hierarchy.n_regions}
+    return {**artifacts, "slide_sha256": checksum, "regions": hierarchy.n_regions}
 
 
 def _features(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
@@ -212,8 +231,9 @@ def _features(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
     # In the task's own process: Celery's pool processes are daemonic and may not start
     # extraction processes; the pool (--concurrency) is the parallelism on a worker.
     extracted = extract_features(
-        ctx.params["slide"], expected=expected_features(_model_dir(ctx.params, cache)),
-        settings=ctx.job_settings.replace(extract_workers=0), regions=_regions(ctx.params),
+        _slide(ctx.params, payload), expected=expected_features(_model_dir(ctx.params, cache)),
+        settings=ctx.job_settings.replace(extract_workers=0),
+        regions=_regions(ctx.params, payload),
         mpp=ctx.params.get("mpp"), progress=ctx.progress)
     return {"store": str(extracted.path), "features_reused": extracted.already_complete,
             "features_s": round(time.perf_counter() - started, 3)}
@@ -232,7 +252,7 @@ def _infer(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
     folder = _model_dir(ctx.params, cache)
     pipeline = _pipeline(folder, ctx.params["model"]["sha256"])
     features = load_features(payload["store"])
-    request = _request(ctx.params)
+    request = _request(ctx.params, payload)
     started = time.perf_counter()
     result = ask_slide(features, pipeline=pipeline, request=request, settings=ctx.job_settings,
                        progress=ctx.progress)
@@ -260,8 +280,9 @@ def _write(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
     result = replace(result, timings={"features_s": features_s, **result.timings,
                                       "total_s": round(features_s + document["infer_s"], 3)})
     out = Path(ctx.job.out_dir)
-    written = write_result(ctx.params["slide"], out, result, provenance=document["provenance"],
-                           settings=ctx.job_settings, mpp=ctx.params.get("mpp"))
+    written = write_result(_slide(ctx.params, payload), out, result,
+                           provenance=document["provenance"], settings=ctx.job_settings,
+                           mpp=ctx.params.get("mpp"))
     sink = ctx.params.get("qupath")
     if sink:
         from qupath_bridge.geojson import ReadOptions
@@ -273,6 +294,14 @@ def _write(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
     now = utcnow()
     outputs = [Output(ctx.job.id, str(path), path.suffix.lstrip(".") or "file", cache.file(path),
                       path.stat().st_size, now) for path in written]
+    if ctx.params.get("omero"):
+        from omero_hwsi.omero.stages import write_back_for_job
+
+        uris = write_back_for_job(ctx.settings, job_id=ctx.job.id, user=ctx.job.user,
+                                  params=ctx.params, model=ctx.job.model,
+                                  input_sha256=ctx.params["omero"]["files_sha256"],
+                                  out_dir=out)
+        outputs += [Output(ctx.job.id, uri, "omero", "", 0, now) for uri in uris]
     ctx.ledger.succeed(ctx.job.id, runner=ctx.runner, worker=ctx.worker, outputs=outputs,
                        message=f"write done: {len(outputs)} file(s) in {out} "
                                f"({time.perf_counter() - started:.1f} s)")
