@@ -153,8 +153,9 @@ def _omero_inputs(sources: list[str], *, settings: Settings, user: str | None, r
                                            restrict_to_rois=restrict, out=out)
             for line in resolution.skipped + skipped:
                 _cli.stderr.print(f"skipped {line}", markup=False, highlight=False)
+            known = {item.image.id for _, item in found}  # each image once over all sources
             found += [(f"omero:image/{item.image.id} ({item.image.name})", item)
-                      for item in accepted]
+                      for item in accepted if item.image.id not in known]
     if not found:
         raise InputError(f"nothing to analyse in {', '.join(sources)}")
     return found

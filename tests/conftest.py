@@ -1,4 +1,5 @@
-"""Shared fixtures: checksum-verified real slides and cached synthetic slides; QuPath skips."""
+"""Shared fixtures: checksum-verified real slides, cached synthetic slides, QuPath skips, and
+real ``hwsi worker`` subprocesses (jobs and OMERO tests)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import functools
 import hashlib
 import os
 import re
-from collections.abc import Callable
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -97,3 +103,63 @@ def without_qupath() -> str:
     if reason is None:
         pytest.skip("QuPath is installed here; this test checks the error without it")
     return reason
+
+
+@dataclass
+class Workers:
+    """``hwsi worker`` subprocesses started by a test; stopped (by their ids) at teardown."""
+
+    root: Path
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+
+    def start(self, env: dict[str, str], *, queues: str, name: str,
+              program: Sequence[str] = ("-m", "omero_hwsi.cli")) -> subprocess.Popen[bytes]:
+        """Start ``hwsi worker`` in its own process group; ``program`` replaces ``-m
+        omero_hwsi.cli`` for a test wrapper that runs the same CLI (``poison_worker.py``)."""
+        log = self.root / f"worker-{name}.log"
+        handle = log.open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, *program, "worker", "--queues", queues,
+             "--concurrency", "1", "--name", f"{name}@%h"],
+            env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        handle.close()
+        self.procs.append((proc, log))
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {log.name} ---\n{log.read_text(errors='replace')[-6000:]}"
+                         for _, log in self.procs)
+
+    def stop(self) -> None:
+        """Cold shutdown (SIGQUIT to the worker's main process), then SIGKILL its group.
+
+        A cold shutdown during a task can hang in billiard's pool finaliser, hence the kill.
+        """
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGQUIT)
+        deadline = time.monotonic() + 8
+        for proc, _ in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def workers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Workers]:
+    """Start worker subprocesses; their logs are printed when the test fails."""
+    pool = Workers(tmp_path)
+    yield pool
+    pool.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(pool.logs())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)
