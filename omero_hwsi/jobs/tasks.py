@@ -78,7 +78,7 @@ class _Context:
     settings: Settings
     task: Any
     stopped: str | None = None
-    _last: float = field(default=0.0)
+    _last: float = field(default_factory=time.monotonic)  # the claim just wrote the ledger
 
     @property
     def params(self) -> dict[str, Any]:
@@ -98,8 +98,8 @@ class _Context:
         if self.stopped:
             raise _Stopped(self.stopped)
         now = time.monotonic()
-        if now - self._last < PROGRESS_INTERVAL_S and done < total:
-            return
+        if now - self._last < PROGRESS_INTERVAL_S:
+            return  # the claim, the last write or the stage's end (finish_stage) is that recent
         self._last = now
         status = self.ledger.progress(self.job.id, runner=self.runner,
                                       fraction=done / total if total else 0.0)
