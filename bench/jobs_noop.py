@@ -54,18 +54,23 @@ def _ours_noop_write(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
     return {"outputs": len(outputs)}
 
 
-def bare_app(settings: Settings) -> Celery:
-    """The reference app: our Celery options, one no-op task ``bench.noop``."""
+def bare_app(settings: Settings, *, worker: bool = False) -> Celery:
+    """The reference app: our Celery options; ``worker=True`` registers ``bench.noop``.
+
+    The benchmark only sends by name, so its apps carry no task: two reference sides in one
+    process would otherwise register the same task name twice.
+    """
     app = Celery("hwsi_bench_bare", set_as_current=False)
     app.conf.update(celery_config(settings))
-    marks = redis.Redis.from_url(settings.broker)
+    if worker:
+        marks = redis.Redis.from_url(settings.broker)
 
-    @app.task(name="bench.noop")
-    def noop(payload: dict[str, Any]) -> None:
-        if payload["link"] == "first":
-            marks.hset(BARE_STARTS, payload["chain"], time.time())
-        elif payload["link"] == "last":
-            marks.hset(BARE_ENDS, payload["chain"], time.time())
+        @app.task(name="bench.noop")
+        def noop(payload: dict[str, Any]) -> None:
+            if payload["link"] == "first":
+                marks.hset(BARE_STARTS, payload["chain"], time.time())
+            elif payload["link"] == "last":
+                marks.hset(BARE_ENDS, payload["chain"], time.time())
 
     return app
 
@@ -85,7 +90,7 @@ def main(argv: list[str]) -> None:
         settings = load_settings()
         queues, name = rest[rest.index("--queues") + 1], rest[rest.index("--name") + 1]
         # The argv `hwsi worker` builds for a Redis broker (omero_hwsi/cli_jobs.py).
-        bare_app(settings).worker_main(
+        bare_app(settings, worker=True).worker_main(
             ["worker", "--pool", "prefork", "--concurrency", "1", "--queues", queues,
              "--hostname", name, "--loglevel", settings.log_level.upper()])
     else:

@@ -143,7 +143,12 @@ def _omero_inputs(sources: list[str], *, settings: Settings, user: str | None, r
     from omero_hwsi.omero.connect import omero_connection
     from omero_hwsi.omero.images import parse_omero_source, resolve_images
     from omero_hwsi.omero.script_actions import job_inputs
+    from omero_hwsi.omero.session_keys import session_key_mode
 
+    if session_key_mode(settings):
+        raise InputError("OMERO sources need the Sudo service account; in session-key mode "
+                         "(HWSI_OMERO_SESSION_TTL_SECONDS > 0) queue them with the HWSI > Run "
+                         "Analysis script, which opens each job's session as its user")
     parsed = [parse_omero_source(text) for text in sources]  # refuse typos before connecting
     found: list[tuple[str, OmeroJobInput]] = []
     with omero_connection(settings, user=user or default_user()) as conn:

@@ -25,10 +25,12 @@ def check(
                                              "OMERO user, as a worker does for their jobs.")]
     = None,
 ) -> None:
-    """Connect as the service account, check its Sudo privilege and, with --user, act as them.
+    """Say which mode jobs use; in Sudo mode, connect as the service account, check its Sudo
+    privilege and, with --user, act as them.
 
     Prints one line per check; exits 4 when a check fails. The password (from
-    HWSI_OMERO_PASSWORD_FILE) is never printed.
+    HWSI_OMERO_PASSWORD_FILE) is never printed. In session-key mode
+    (HWSI_OMERO_SESSION_TTL_SECONDS > 0) jobs join sessions the Run Analysis script opened.
     """
     from omero_hwsi.errors import OmeroPermissionError
     from omero_hwsi.omero.connect import check_connection

@@ -123,6 +123,13 @@ class Settings:
         "least recently used slides are evicted past it."))
     omero_web_url: str = field(default="", metadata=_doc(
         "OMERO.web address (e.g. `https://omero.lab/`) for links in reports and report indexes."))
+    omero_session_ttl_seconds: int = field(default=0, metadata=_doc(
+        "0: Sudo mode (the service account acts as each user). Above 0: session-key mode, for "
+        "a facility that gives no account Sudo: Run Analysis opens one session of the user per "
+        "job, living this many seconds, whose key waits for the workers in "
+        "`<data_dir>/secrets/<job id>` (mode 0600) and is deleted after the write-back. At "
+        "most 4 x `max_task_seconds`: a job runs four stages of at most `max_task_seconds` "
+        "each, so a longer key would outlive any job (see `omero.md`)."))
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -169,6 +176,9 @@ class Settings:
             (0 < self.omero_port < 65536, f"omero_port must be in 1..65535, got {self.omero_port}"),
             (self.omero_cache_max_bytes > 0,
              f"omero_cache_max_bytes must be > 0, got {self.omero_cache_max_bytes}"),
+            (0 <= self.omero_session_ttl_seconds <= 4 * self.max_task_seconds,
+             f"omero_session_ttl_seconds must be in [0, 4 x max_task_seconds = "
+             f"{4 * self.max_task_seconds}], got {self.omero_session_ttl_seconds}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -199,8 +199,9 @@ def _prepare(ctx: _Context, payload: dict[str, Any]) -> dict[str, Any]:
     if params.get("omero"):
         from omero_hwsi.omero.stages import pull_for_job
 
-        slide, pulled_regions = pull_for_job(ctx.settings, user=ctx.job.user, params=params,
-                                             staging=ctx.staging, progress=ctx.progress)
+        slide, pulled_regions = pull_for_job(ctx.settings, job_id=ctx.job.id, user=ctx.job.user,
+                                             params=params, staging=ctx.staging,
+                                             progress=ctx.progress)
         checksum = cache.slide(slide)
         artifacts = {"slide": str(slide),
                      "regions_file": None if pulled_regions is None else str(pulled_regions)}

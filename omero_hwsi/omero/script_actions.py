@@ -25,20 +25,31 @@ from omero_hwsi.jobs.client import (
     EVIDENCE_DEPTHS,
     JobRequest,
     OmeroJobInput,
+    Submission,
     list_jobs,
     parse_since,
+    retry,
     submit,
 )
 from omero_hwsi.jobs.ledger import STATES, Job
 from omero_hwsi.omero.annotations import NS_ANALYSIS
 from omero_hwsi.omero.images import DATA_TYPES, OmeroImage, resolve_images
 from omero_hwsi.omero.rois import regions_digest
+from omero_hwsi.omero.session_keys import (
+    close_user_sessions,
+    open_user_sessions,
+    session_key,
+    session_key_mode,
+    write_session_key,
+)
 from omero_hwsi.settings import Settings
 
 __all__ = ["INDEX_COLUMNS", "SCRIPT_TASKS", "ReportIndex", "ScriptOutcome", "attach_index",
            "job_inputs", "job_status", "report_index", "run_analysis", "script_error"]
 
 SCRIPT_TASKS: Final = ("report", "vqa", "caption", "classify")
+RESTARTABLE: Final = ("failed", "cancelled", "dead_letter")
+"""Run_Analysis on an image whose job ended in one of these states runs that job again."""
 """Tasks offered in OMERO.web (``retrieve`` compares slides with texts: a CLI task)."""
 
 
@@ -110,10 +121,18 @@ def run_analysis(conn: Any, inputs: Mapping[str, Any], *, settings: Settings,
 
     Returns at once: workers do the analysis and the write-back as the requesting user, in
     each image's group. Images the user cannot annotate are refused here, before queueing.
+    An image whose job exists and ended failed, cancelled or in dead letter has that job run
+    again (``retry``): for a user, running the analysis again is how to recover.
+
+    In session-key mode one session of the user is opened per image (in its group) before
+    anything is queued, so a refusal queues nothing; each job this call creates or restarts
+    gets its key stored for the workers, and the sessions of jobs that are queued, running or
+    done are closed again (those keep their own key).
 
     Raises:
         InputError: bad options or a selection with nothing to analyse.
-        HwsiError: the ledger, the broker or the model cannot be reached (one line).
+        HwsiError: the ledger, the broker, the model or (session-key mode) a new session
+            cannot be had (one line).
     """
     request = _request(inputs)
     data_type = _text(inputs, "Data_Type") or "Image"
@@ -128,10 +147,28 @@ def run_analysis(conn: Any, inputs: Mapping[str, Any], *, settings: Settings,
         raise InputError("nothing to analyse: " + ("; ".join(skipped) or "no images selected"))
     user = str(conn.getUser().getName())
     images = [item.image for item in inputs_]
-    jobs = submit(inputs_, request, settings=settings, model=model, user=user)
+    sessions = (open_user_sessions(conn, settings, [image.group for image in images])
+                if session_key_mode(settings) else [])
+    kept: set[int] = set()
+    try:
+        jobs = submit(inputs_, request, settings=settings, model=model, user=user)
+        restarted = [index for index, s in enumerate(jobs)
+                     if not s.created and s.job.state in RESTARTABLE]
+        for index, (submission, session) in enumerate(zip(jobs, sessions)):
+            if submission.created or index in restarted:
+                write_session_key(settings, submission.job.id, session_key(session))
+                kept.add(index)
+        for index in restarted:  # running it again means again: retry an ended-badly job
+            jobs[index] = Submission(retry(jobs[index].job.id, settings=settings, user=user),
+                                     False)
+    finally:
+        close_user_sessions(conn, [s for i, s in enumerate(sessions) if i not in kept])
     new = sum(1 for s in jobs if s.created)
     lines = [f"Queued {len(jobs)} analys{'is' if len(jobs) == 1 else 'es'} "
-             f"({new} new, {len(jobs) - new} already known); results appear on each image "
+             f"({new} new, "
+             + (f"{len(restarted)} restarted after failing or being cancelled, "
+                if restarted else "")
+             + f"{len(jobs) - new - len(restarted)} already known); results appear on each image "
              "as ROIs, an evidence GeoJSON, a report and key-value provenance. "
              "Research use only."]
     lines += [f"{image.name}: job {s.job.id} ({s.job.state})" for image, s in zip(images, jobs)]

@@ -5,7 +5,9 @@ source; for an OMERO job they call :func:`pull_for_job` to get a local slide (an
 the image's own ROIs as analysis regions) and :func:`write_back_for_job` to put the results on
 the image. Both open a session *as the job's user* in the image's group through the service
 account (:func:`omero_hwsi.omero.connect.omero_connection`): no user credential is ever in a
-message or the ledger, only the user and group names.
+message or the ledger, only the user and group names. In session-key mode both join the
+session Run Analysis opened for the job instead; the write-back, the job's last use of it,
+deletes its key and ends it once the results are written.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ OMERO_CACHE = "omero-cache"
 Progress = Callable[[str, int, int], None]
 
 
-def pull_for_job(settings: Settings, *, user: str, params: dict[str, Any], staging: Path,
-                 progress: Progress | None = None) -> tuple[Path, Path | None]:
+def pull_for_job(settings: Settings, *, job_id: str, user: str, params: dict[str, Any],
+                 staging: Path, progress: Progress | None = None) -> tuple[Path, Path | None]:
     """The job's image as a local slide file, and its ROIs as a regions GeoJSON if asked.
 
     The user's access is checked before anything is read; the image must still hold the
@@ -46,7 +48,8 @@ def pull_for_job(settings: Settings, *, user: str, params: dict[str, Any], stagi
 
     omero = params["omero"]
     cache_root = settings.data_dir / OMERO_CACHE
-    with omero_connection(settings, user=user, group=omero["group"] or None) as conn:
+    with omero_connection(settings, user=user, group=omero["group"] or None,
+                          job_id=job_id) as conn:
         image = describe_image(check_image_access(conn, int(omero["image"])))
         if image.files_sha256 != omero["files_sha256"]:
             raise InputError(f"OMERO Image {image.id} ({image.name}): its files changed after "
@@ -72,13 +75,18 @@ def pull_for_job(settings: Settings, *, user: str, params: dict[str, Any], stagi
 
 def write_back_for_job(settings: Settings, *, job_id: str, user: str, params: dict[str, Any],
                        model: str, input_sha256: str, out_dir: Path) -> list[str]:
-    """Write the result folder onto the job's image; returns ``omero://`` URIs of the objects."""
+    """Write the result folder onto the job's image; returns ``omero://`` URIs of the objects.
+
+    In session-key mode a successful write-back also deletes the job's key and kills its
+    session; a failed one keeps both for the stage's rerun (the session's TTL bounds them).
+    """
     omero = params["omero"]
     spec = WriteBack(image_id=int(omero["image"]), job_id=job_id, result_dir=out_dir, user=user,
                      model=model, model_sha256=params["model"]["sha256"],
                      input_sha256=input_sha256, evidence_depth=params["evidence"],
                      write_rois=bool(omero.get("write_rois", True)))
-    with omero_connection(settings, user=user, group=omero["group"] or None) as conn:
+    with omero_connection(settings, user=user, group=omero["group"] or None, job_id=job_id,
+                          end_session=True) as conn:
         written = write_back(conn, spec)
     return written.uris(omero["server"])
 

@@ -17,7 +17,13 @@ The surface, and nothing more (extend it here when code starts using more):
   .getCurrentAdminPrivileges()`` (each ``getValue().getValue()`` a privilege name),
   ``suConn(user, group=None, ttl=...)`` (a view sharing the server's state, acting as ``user``
   in ``group``; None without the Sudo privilege or for an unknown user), ``c.enableKeepAlive(s)``,
-  ``close()``, ``SERVICE_OPTS``.
+  ``close()``, ``SERVICE_OPTS``; ``getSessionService()`` (``createUserSession(ttl_ms, idle_ms,
+  group)`` -> a :class:`FakeUserSession` with ``getUuid().getValue()``, ``closeSession(s)``).
+* joining by key (session-key mode): :func:`joining_gateway` makes the class to put in place of
+  ``omero.gateway.BlitzGateway``: ``BlitzGateway(host=, port=, secure=)``, then
+  ``connect(sUuid=key)`` joins the session ``createUserSession`` made (False for an unknown or
+  killed key), and ``close(hard=True)`` kills it while ``close(hard=False)`` only detaches, as
+  omero-py does. Like omero-py, it logs the key it joins on the ``omero.gateway`` logger.
 * :class:`FakeImage`: ``getId getName getFileset getSizeX getSizeY canAnnotate getFormat
   getPrimaryPixels listAnnotations(ns=None) linkAnnotation(ann)``,
   ``getDetails().getGroup().getName()``; :class:`FakeContainer` (datasets, projects): ``getId
@@ -42,7 +48,8 @@ State lives in plain attributes shared by every session view: ``images``, ``file
 model objects by id), ``links`` (``(parent type, parent id, annotation id)``), ``owners`` (who
 saved each ROI or annotation), ``file_bytes`` (the uploaded content by FileAnnotation id),
 ``writes`` (every write call in order, as ``(verb, what)``), ``users`` (name -> admin
-privileges), ``sessions`` (the ``suConn`` views) and the counters ``bytes_served``,
+privileges), ``sessions`` (the ``suConn`` and joined views), ``user_sessions`` (the live
+sessions ``createUserSession`` made, by key) and the counters ``bytes_served``,
 ``tiles_served``, ``open_stores``. Per connection: ``user``, ``group``, ``ttl``, ``closed``,
 ``c.keepalive_s``.
 
@@ -74,8 +81,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,6 +476,43 @@ class FakeAdminService:
 
 
 @dataclass(frozen=True)
+class FakeUserSession:
+    """``omero.model.Session`` as ``createUserSession`` returns it: its key is its UUID."""
+
+    uuid: str
+    user: str
+    group: str
+    ttl_ms: int
+    idle_ms: int
+
+    def getUuid(self) -> FakeValue:
+        return FakeValue(self.uuid)
+
+
+class FakeSessionService:
+    """``ISession``: a connection's user opens more sessions of their own, or closes them."""
+
+    def __init__(self, gateway: FakeGateway) -> None:
+        self._gateway = gateway
+
+    def createUserSession(self, timeToLiveMilliseconds: int, timeToIdleMilliseconds: int,
+                          defaultGroup: str) -> FakeUserSession:
+        gw = self._gateway
+        gw._check_open()
+        session = FakeUserSession(str(uuid.uuid4()), gw.user, defaultGroup,
+                                  timeToLiveMilliseconds, timeToIdleMilliseconds)
+        gw.user_sessions[session.uuid] = session
+        return session
+
+    def closeSession(self, sess: FakeUserSession) -> int:
+        gw = self._gateway
+        gw._check_open()
+        if gw.user_sessions.pop(sess.uuid, None) is None:
+            raise FakeServerError("closing a session that is not open")
+        return 0
+
+
+@dataclass(frozen=True)
 class FakeRoiResult:
     rois: list[Any]
 
@@ -564,6 +610,7 @@ class FakeGateway:
         self.file_bytes: dict[int, bytes] = {}
         self.writes: list[tuple[str, str]] = []
         self.sessions: list[_Session] = []
+        self.user_sessions: dict[str, FakeUserSession] = {}
         self.bytes_served: dict[int, int] = {}
         self.tiles_served = 0
         self.open_stores: list[Any] = []
@@ -648,6 +695,10 @@ class FakeGateway:
         session = _Session(self, username, group, ttl)
         self.sessions.append(session)
         return session
+
+    def getSessionService(self) -> FakeSessionService:
+        self._check_open()
+        return FakeSessionService(self)
 
     def close(self) -> None:
         self.closed = True
@@ -829,6 +880,44 @@ class _Session(FakeGateway):
             object.__setattr__(self, name, value)
         else:
             setattr(self._server, name, value)
+
+
+def joining_gateway(server: FakeGateway) -> type[_Session]:
+    """The ``BlitzGateway`` class of session-key mode, over ``server``'s sessions."""
+
+    class JoinedGateway(_Session):
+        """``BlitzGateway(host=, port=, secure=)`` and ``connect(sUuid=key)``: a view of the
+        server as the user of the session ``key`` names, in its group; ``address`` and
+        ``key`` record what it was given, ``hard_closed`` how it was closed."""
+
+        _OWN = _Session._OWN | {"address", "key", "hard_closed"}
+
+        def __init__(self, username: str | None = None, passwd: str | None = None, *,
+                     host: str, port: int, secure: bool) -> None:
+            super().__init__(server, "", None, 0)
+            self.address = (host, port, secure)
+            self.key: str | None = None
+            self.hard_closed: bool | None = None
+            self.closed = True  # until connected
+
+        def connect(self, sUuid: str | None = None) -> bool:
+            log = logging.getLogger("omero.gateway")  # what omero-py logs, key included
+            log.debug(f"Connect attempt, sUuid={sUuid}, group=None, self.sUuid=None")
+            session = server.user_sessions.get(sUuid or "")
+            if session is None:
+                return False
+            self.user, self.group, self.ttl = session.user, session.group, session.ttl_ms
+            self.key, self.closed = sUuid, False
+            server.sessions.append(self)
+            log.info("created connection (uuid=%s)", sUuid)  # lazy: the filter formats it
+            return True
+
+        def close(self, hard: bool = True) -> None:
+            if hard and self.key is not None:
+                server.user_sessions.pop(self.key, None)
+            self.closed, self.hard_closed = True, hard
+
+    return JoinedGateway
 
 
 def pyramid_from_slide(path: Path, factors: Sequence[int] = (1, 2, 4)) -> list[npt.NDArray[Any]]:

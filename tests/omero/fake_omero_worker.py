@@ -60,7 +60,8 @@ if __name__ == "__main__":
 
     @contextmanager
     def fake_connection(settings: Settings, *, user: str | None = None,
-                        group: str | None = None) -> Iterator[Any]:
+                        group: str | None = None, job_id: str | None = None,
+                        end_session: bool = False) -> Iterator[Any]:
         session = server.suConn(user or "", group=group, ttl=settings.max_task_seconds * 1000)
         if session is None:
             raise RuntimeError(f"the fake server has no user {user!r}")

@@ -135,8 +135,36 @@ def test_refusals_are_one_line_and_never_show_the_password(fake_blitz, settings)
 def test_check_reports_each_fact_and_fails_without_sudo(fake_blitz, settings):
     report = connect.check_connection(settings, user="ana")
     assert report.ok
-    assert [ok for ok, _ in report.lines] == [True, True, True]
-    assert "OMERO 5.6.14" in report.lines[0][1] and "pathology" in report.lines[2][1]
+    assert [ok for ok, _ in report.lines] == [True, True, True, True]
+    assert report.lines[0][1].startswith("Sudo mode")
+    assert "OMERO 5.6.14" in report.lines[1][1] and "pathology" in report.lines[3][1]
     fake_blitz.privileges = ()
     report = connect.check_connection(settings, user="ana")
-    assert not report.ok and "lacks the Sudo privilege" in report.lines[1][1]
+    assert not report.ok and "lacks the Sudo privilege" in report.lines[2][1]
+
+
+def test_sudo_mode_acts_as_the_user_even_for_a_job_with_a_key_file(fake_blitz, settings):
+    from omero_hwsi.omero.session_keys import read_session_key, write_session_key
+
+    job_id = "0f1e2d3c-4b5a-5968-8778-695a4b3c2d1e"
+    write_session_key(settings, job_id, "k3y")
+    with connect.omero_connection(settings, user="ana", group="pathology", job_id=job_id,
+                                  end_session=True) as conn:
+        assert (conn.as_user, conn.group) == ("ana", "pathology")
+    assert read_session_key(settings, job_id) == "k3y"  # not this mode's business
+    assert all(made.closed for made in fake_blitz.made)
+
+
+def test_check_reports_session_key_mode_and_needs_no_service_account(fake_blitz, settings):
+    keys = settings.replace(omero_session_ttl_seconds=1800)
+    fake_blitz.privileges = ()
+    report = connect.check_connection(keys)
+    assert report.ok and report.lines[0][1].startswith("session-key mode "
+                                                       "(HWSI_OMERO_SESSION_TTL_SECONDS=1800)")
+    assert "not needed in session-key mode" in report.lines[2][1]
+    alone = keys.replace(omero_user="", omero_password_file=None)
+    made = len(fake_blitz.made)
+    assert [ok for ok, _ in connect.check_connection(alone).lines] == [True, True]
+    assert len(fake_blitz.made) == made  # nothing to connect to without a service account
+    with_user = connect.check_connection(alone, user="ana")
+    assert not with_user.ok and "HWSI_OMERO_USER" in with_user.lines[1][1]

@@ -40,7 +40,8 @@ def server(fixture_slide, monkeypatch) -> tuple[FakeGateway, FakeImage]:
 
     @contextmanager
     def fake_connection(settings: Settings, *, user: str | None = None,
-                        group: str | None = None) -> Iterator[FakeGateway]:
+                        group: str | None = None, job_id: str | None = None,
+                        end_session: bool = False) -> Iterator[FakeGateway]:
         session = gw.suConn(user, group=group, ttl=settings.max_task_seconds * 1000)
         assert session is not None, user
         session.c.enableKeepAlive(connect.KEEPALIVE_SECONDS)
@@ -83,8 +84,8 @@ def test_pull_downloads_the_slide_as_the_user_in_the_images_group(server, fixtur
     gw, image = server
     job = _job(gw, image, omero_settings)
     assert job.params["omero"]["route"] == "download"
-    slide, regions = pull_for_job(omero_settings, user=job.user, params=job.params,
-                                  staging=tmp_path)
+    slide, regions = pull_for_job(omero_settings, job_id=job.id, user=job.user,
+                                  params=job.params, staging=tmp_path)
     assert regions is None
     assert slide == omero_settings.data_dir / OMERO_CACHE / str(image.fileset.id) / CMU
     assert slide.read_bytes() == fixture_slide(CMU).read_bytes()
@@ -100,7 +101,8 @@ def test_a_slide_changed_after_submission_is_refused(server, omero_settings, tmp
     image.fileset.files[0].hash = "0" * 40  # replaced on the server since
     with pytest.raises(InputError, match=f"OMERO Image {image.id} .*its files changed after "
                                          "the job was submitted"):
-        pull_for_job(omero_settings, user=job.user, params=job.params, staging=tmp_path)
+        pull_for_job(omero_settings, job_id=job.id,
+                     user=job.user, params=job.params, staging=tmp_path)
     assert not gw.bytes_served
 
 
@@ -109,7 +111,8 @@ def test_a_user_who_lost_access_gets_a_permission_error(server, omero_settings, 
     job = _job(gw, image, omero_settings)
     image.can_annotate = False
     with pytest.raises(OmeroPermissionError, match="may not annotate"):
-        pull_for_job(omero_settings, user=job.user, params=job.params, staging=tmp_path)
+        pull_for_job(omero_settings, job_id=job.id,
+                     user=job.user, params=job.params, staging=tmp_path)
 
 
 def test_restrict_to_rois_reads_the_users_own_rois_as_regions(server, omero_settings,
@@ -129,8 +132,8 @@ def test_restrict_to_rois_reads_the_users_own_rois_as_regions(server, omero_sett
     gw.add_roi(ours, owner="ana")  # an earlier job's evidence: never an analysis region
     job = _job(gw, image, omero_settings, Restrict_To_ROIs=True)
     assert job.params["omero"]["rois_sha256"]
-    _, regions = pull_for_job(omero_settings, user=job.user, params=job.params,
-                              staging=staging)
+    _, regions = pull_for_job(omero_settings, job_id=job.id, user=job.user,
+                              params=job.params, staging=staging)
     assert regions == staging / "omero-regions.geojson"
     area = read_regions(regions)
     x, y, w, h = RECT
@@ -140,11 +143,13 @@ def test_restrict_to_rois_reads_the_users_own_rois_as_regions(server, omero_sett
     # ROIs edited after submission: the job would not analyse what its key says.
     gw.rois[drawn].copyShapes()[0].setHeight(rdouble(h / 2))
     with pytest.raises(InputError, match="its ROIs changed after the job was submitted"):
-        pull_for_job(omero_settings, user=job.user, params=job.params, staging=staging)
+        pull_for_job(omero_settings, job_id=job.id,
+                     user=job.user, params=job.params, staging=staging)
     assert _job(gw, image, omero_settings, Restrict_To_ROIs=True).id != job.id
     del gw.rois[drawn]
     with pytest.raises(InputError, match="Restrict_To_ROIs was asked but the image has no ROI"):
-        pull_for_job(omero_settings, user=job.user, params=job.params, staging=staging)
+        pull_for_job(omero_settings, job_id=job.id,
+                     user=job.user, params=job.params, staging=staging)
 
 
 def test_pull_analyse_and_write_back_end_to_end(server, omero_settings, demo_pipeline,
@@ -157,8 +162,8 @@ def test_pull_analyse_and_write_back_end_to_end(server, omero_settings, demo_pip
     gw, image = server
     gw.add_roi(_rectangle_roi(image.id), owner="ana")
     job = _job(gw, image, omero_settings, Restrict_To_ROIs=True)
-    slide, regions = pull_for_job(omero_settings, user=job.user, params=job.params,
-                                  staging=tmp_path)
+    slide, regions = pull_for_job(omero_settings, job_id=job.id, user=job.user,
+                                  params=job.params, staging=tmp_path)
     out = Path(job.out_dir)
     analyze_slide(slide, out, pipeline=demo_pipeline, settings=omero_settings,
                   request=AnalysisRequest(task="report", evidence="region", regions=regions))
