@@ -45,7 +45,8 @@ from omero_hwsi.omero.session_keys import (
 from omero_hwsi.settings import Settings
 
 __all__ = ["INDEX_COLUMNS", "SCRIPT_TASKS", "ReportIndex", "ScriptOutcome", "attach_index",
-           "job_inputs", "job_status", "report_index", "run_analysis", "script_error"]
+           "job_inputs", "job_status", "report_index", "report_index_script", "run_analysis",
+           "script_error"]
 
 SCRIPT_TASKS: Final = ("report", "vqa", "caption", "classify")
 RESTARTABLE: Final = ("failed", "cancelled", "dead_letter")
@@ -60,6 +61,7 @@ class ScriptOutcome:
     message: str
     job_ids: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
 
 
 def _text(inputs: Mapping[str, Any], name: str) -> str | None:
@@ -173,7 +175,8 @@ def run_analysis(conn: Any, inputs: Mapping[str, Any], *, settings: Settings,
              "Research use only."]
     lines += [f"{image.name}: job {s.job.id} ({s.job.state})" for image, s in zip(images, jobs)]
     lines += [f"skipped {line}" for line in skipped]
-    return ScriptOutcome("\n".join(lines), [s.job.id for s in jobs], skipped)
+    job_ids = [s.job.id for s in jobs]
+    return ScriptOutcome("\n".join(lines), job_ids, skipped, {"Job_IDs": "\n".join(job_ids)})
 
 
 def script_error(err: Exception) -> str:
@@ -331,3 +334,18 @@ def attach_index(conn: Any, index: ReportIndex, *, target: tuple[str, int] | Non
         if obj is not None:
             obj.linkAnnotation(annotation)
     return annotation
+
+
+def report_index_script(conn: Any, inputs: Mapping[str, Any], *,
+                        settings: Settings) -> ScriptOutcome:
+    """Report_Index: the index CSV, attached to the first selected container (or to none for
+    the whole group), as the ``File_Annotation`` output (a download link in OMERO.web)."""
+    import tempfile
+
+    index = report_index(conn, inputs, settings=settings)
+    ids = inputs.get("IDs") or []
+    target = (None if inputs.get("Whole_Group") or not ids
+              else (_text(inputs, "Data_Type") or "Project", int(ids[0])))
+    with tempfile.TemporaryDirectory() as folder:
+        annotation = attach_index(conn, index, target=target, folder=Path(folder))
+    return ScriptOutcome(index.message, outputs={"File_Annotation": annotation._obj})

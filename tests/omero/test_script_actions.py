@@ -242,3 +242,49 @@ def test_report_index_needs_a_selection(server, omero_settings):
     with pytest.raises(InputError, match="Project 77: not found"):
         report_index(_as(server, "ana"), {"Data_Type": "Project", "IDs": [77]},
                      settings=omero_settings)
+
+
+class _ScriptClient:
+    """What a script's ``omero.scripts.client`` offers the run: inputs, outputs, closing."""
+
+    def __init__(self, inputs: dict) -> None:
+        self.inputs, self.outputs, self.closed = inputs, {}, False
+
+    def getInputs(self, unwrap: bool = False) -> dict:
+        assert unwrap
+        return self.inputs
+
+    def setOutput(self, name: str, value) -> None:
+        self.outputs[name] = value
+
+    def closeSession(self) -> None:
+        self.closed = True
+
+
+def test_the_scripts_run_their_action_as_the_user_and_report_errors_in_one_line(
+        server, fixture_slide, omero_settings, monkeypatch):
+    import omero.gateway
+    from omero.model import FileAnnotationI
+
+    from omero_hwsi.omero.scripting import run_script
+
+    (image,) = _slides(server, fixture_slide(CMU), [CMU])
+    project = server.add_project("study", [server.add_dataset("cohort", [image])])
+    monkeypatch.setattr(omero.gateway, "BlitzGateway",
+                        lambda client_obj: _as(server, "ana"))
+    client = _ScriptClient({**REPORT, "IDs": [image.id]})
+    run_script(client, "run_analysis")
+    (job,) = list_jobs(settings=omero_settings)
+    assert client.closed and client.outputs["Job_IDs"].getValue() == job.id
+    assert client.outputs["Message"].getValue().startswith("Queued 1 analysis (1 new, ")
+
+    bad = _ScriptClient({**REPORT, "IDs": [image.id], "Task": "vqa"})
+    run_script(bad, "run_analysis")
+    assert bad.closed and set(bad.outputs) == {"Message"}
+    assert bad.outputs["Message"].getValue() == "Error: Task vqa needs a Question"
+
+    index = _ScriptClient({"Data_Type": "Project", "IDs": [project.id], "Whole_Group": False})
+    run_script(index, "report_index_script")
+    annotation = index.outputs["File_Annotation"].getValue()
+    assert isinstance(annotation, FileAnnotationI)
+    assert index.outputs["Message"].getValue().startswith("1 analysis of 1 image(s)")

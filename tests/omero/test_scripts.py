@@ -54,7 +54,8 @@ def test_report_index_offers_project_or_dataset_and_the_whole_group():
 
 def test_what_the_scripts_import_loads_neither_torch_nor_the_model():
     code = ("import sys, omero.scripts, omero.gateway\n"
-            "import omero_hwsi.omero.script_actions, omero_hwsi.settings\n"
+            "import omero_hwsi.omero.script_actions, omero_hwsi.omero.scripting\n"
+            "import omero_hwsi.settings\n"
             "heavy = [m for m in ('torch', 'transformers', 'omero_hwsi.model', "
             "'omero_hwsi.inference', 'openslide', 'zarr') if m in sys.modules]\n"
             "print(','.join(heavy))")

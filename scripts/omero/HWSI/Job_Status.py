@@ -6,8 +6,9 @@ stage and its progress, the image, the last update and, for failed jobs, the one
 """
 
 from omero import scripts
-from omero.gateway import BlitzGateway
 from omero.rtypes import rstring
+
+from omero_hwsi.omero.scripting import SCRIPT_INFO, run_script
 
 STATES = ["any", "queued", "running", "succeeded", "failed", "cancelled", "dead_letter"]
 
@@ -22,24 +23,9 @@ def main():
         scripts.String("State", optional=False, grouping="2", default="any",
                        values=[rstring(s) for s in STATES],
                        description="Only jobs in this state"),
-        version="0.1.0",
-        authors=["omero-hwsi developers"],
-        institutions=["omero-hwsi"],
-        contact="https://github.com/omero-hwsi/omero-hwsi",
+        **SCRIPT_INFO,
     )
-    try:
-        from omero_hwsi.omero.script_actions import job_status, script_error
-        from omero_hwsi.settings import load_settings
-
-        conn = BlitzGateway(client_obj=client)
-        try:
-            outcome = job_status(conn, client.getInputs(unwrap=True), settings=load_settings())
-        except Exception as err:  # the Activities panel shows one line, not a traceback
-            client.setOutput("Message", rstring(script_error(err)))
-            return
-        client.setOutput("Message", rstring(outcome.message))
-    finally:
-        client.closeSession()
+    run_script(client, "job_status")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,10 @@ come from the provenance key-values on the images; jobs not yet written back fro
 ledger. The CSV is attached to the selected project or dataset.
 """
 
-import tempfile
-from pathlib import Path
-
 from omero import scripts
-from omero.gateway import BlitzGateway
-from omero.rtypes import rlong, robject, rstring
+from omero.rtypes import rlong, rstring
+
+from omero_hwsi.omero.scripting import SCRIPT_INFO, run_script
 
 
 def main():
@@ -27,31 +25,9 @@ def main():
                      description="Projects or datasets to index").ofType(rlong(0)),
         scripts.Bool("Whole_Group", optional=False, grouping="3", default=False,
                      description="Index every analysed image of the current group instead"),
-        version="0.1.0",
-        authors=["omero-hwsi developers"],
-        institutions=["omero-hwsi"],
-        contact="https://github.com/omero-hwsi/omero-hwsi",
+        **SCRIPT_INFO,
     )
-    try:
-        from omero_hwsi.omero.script_actions import attach_index, report_index, script_error
-        from omero_hwsi.settings import load_settings
-
-        conn = BlitzGateway(client_obj=client)
-        inputs = client.getInputs(unwrap=True)
-        try:
-            index = report_index(conn, inputs, settings=load_settings())
-            ids = inputs.get("IDs") or []
-            target = None if inputs.get("Whole_Group") or not ids else (
-                inputs["Data_Type"], int(ids[0]))
-            with tempfile.TemporaryDirectory() as folder:
-                annotation = attach_index(conn, index, target=target, folder=Path(folder))
-        except Exception as err:  # the Activities panel shows one line, not a traceback
-            client.setOutput("Message", rstring(script_error(err)))
-            return
-        client.setOutput("Message", rstring(index.message))
-        client.setOutput("File_Annotation", robject(annotation._obj))
-    finally:
-        client.closeSession()
+    run_script(client, "report_index_script")
 
 
 if __name__ == "__main__":

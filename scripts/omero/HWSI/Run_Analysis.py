@@ -11,8 +11,9 @@ settings as the workers (``HWSI_CONFIG`` or ``/etc/omero-hwsi.toml``); see docs/
 """
 
 from omero import scripts
-from omero.gateway import BlitzGateway
 from omero.rtypes import rlong, rstring
+
+from omero_hwsi.omero.scripting import SCRIPT_INFO, run_script
 
 TASKS = ["report", "vqa", "caption", "classify"]
 DEPTHS = ["region", "patch", "cell", "none"]
@@ -45,25 +46,9 @@ def main():
                      description="Write the evidence regions as ROIs"),
         scripts.Bool("Restrict_To_ROIs", optional=False, grouping="8", default=False,
                      description="Analyse only inside the image's existing ROIs"),
-        version="0.1.0",
-        authors=["omero-hwsi developers"],
-        institutions=["omero-hwsi"],
-        contact="https://github.com/omero-hwsi/omero-hwsi",
+        **SCRIPT_INFO,
     )
-    try:
-        from omero_hwsi.omero.script_actions import run_analysis, script_error
-        from omero_hwsi.settings import load_settings
-
-        conn = BlitzGateway(client_obj=client)
-        try:
-            outcome = run_analysis(conn, client.getInputs(unwrap=True), settings=load_settings())
-        except Exception as err:  # the Activities panel shows one line, not a traceback
-            client.setOutput("Message", rstring(script_error(err)))
-            return
-        client.setOutput("Message", rstring(outcome.message))
-        client.setOutput("Job_IDs", rstring("\n".join(outcome.job_ids)))
-    finally:
-        client.closeSession()
+    run_script(client, "run_analysis")
 
 
 if __name__ == "__main__":
