@@ -43,6 +43,7 @@ __all__ = [
     "parse_omero_source",
     "pixel_route",
     "resolve_images",
+    "unwrap",
 ]
 
 DataType = Literal["Image", "Dataset", "Project"]
@@ -155,10 +156,11 @@ def parse_omero_source(text: str) -> tuple[DataType, int]:
     return kind, int(match.group(2))  # type: ignore[return-value]
 
 
-def _unwrap(value: Any) -> Any:
-    """An rtype's value, a wrapper's value, or the value itself."""
+def unwrap(value: Any) -> Any:
+    """An rtype's value, a wrapper's value, or the value itself (None stays None): the one
+    unwrapping of omero-py values in this package."""
     getter = getattr(value, "getValue", None)
-    return _unwrap(getter()) if callable(getter) else value
+    return unwrap(getter()) if callable(getter) else value
 
 
 def _files(image: Any) -> tuple[OmeroFile, ...]:
@@ -166,7 +168,7 @@ def _files(image: Any) -> tuple[OmeroFile, ...]:
     if fileset is None:
         return ()
     raw = [(int(f.getId()), f"{f.getPath() or ''}{f.getName()}", int(f.getSize() or 0),
-            str(f.getHash() or ""), str(_unwrap(getattr(f, "getHasher", lambda: None)()) or ""))
+            str(f.getHash() or ""), str(unwrap(getattr(f, "getHasher", lambda: None)()) or ""))
            for f in fileset.listFiles()]
     if not raw:
         return ()
@@ -181,7 +183,7 @@ def _files(image: Any) -> tuple[OmeroFile, ...]:
 
 def _format(image: Any) -> str | None:
     try:
-        value = _unwrap(image.getFormat())
+        value = unwrap(image.getFormat())
     except AttributeError:
         return None
     return str(value) if value else None

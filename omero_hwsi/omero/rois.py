@@ -34,6 +34,7 @@ from shapely.geometry.base import BaseGeometry
 
 from omero_hwsi.errors import InputError
 from omero_hwsi.omero.annotations import is_ours
+from omero_hwsi.omero.images import unwrap
 
 __all__ = [
     "FILL_ALPHA",
@@ -293,10 +294,6 @@ def to_omero_roi(spec: RoiSpec, image_id: int, *, z: int = 0, t: int = 0) -> Any
     return roi
 
 
-def _value(rtype: Any) -> Any:
-    return None if rtype is None else rtype.getValue()
-
-
 def roi_to_geometry(roi: Any) -> BaseGeometry:
     """An OMERO ROI's area as one shapely geometry (level-0 px), for restricting an analysis.
 
@@ -308,31 +305,36 @@ def roi_to_geometry(roi: Any) -> BaseGeometry:
     for n, item in enumerate(roi.copyShapes()):
         kind = type(item).__name__.removesuffix("I")
         if kind == "Rectangle":
-            x, y = _value(item.getX()), _value(item.getY())
-            geom: BaseGeometry = box(x, y, x + _value(item.getWidth()),
-                                     y + _value(item.getHeight()))
+            x, y = unwrap(item.getX()), unwrap(item.getY())
+            geom: BaseGeometry = box(x, y, x + unwrap(item.getWidth()),
+                                     y + unwrap(item.getHeight()))
         elif kind == "Ellipse":
-            cx, cy = _value(item.getX()), _value(item.getY())
-            rx, ry = _value(item.getRadiusX()), _value(item.getRadiusY())
+            cx, cy = unwrap(item.getX()), unwrap(item.getY())
+            rx, ry = unwrap(item.getRadiusX()), unwrap(item.getRadiusY())
             geom = affinity.scale(shapely.Point(cx, cy).buffer(1.0, 64), rx, ry)
         elif kind == "Polygon":
-            points = parse_points(_value(item.getPoints()) or "")
+            points = parse_points(unwrap(item.getPoints()) or "")
             if len(points) < 3:
                 continue
             geom = shapely.make_valid(Polygon(points))
         else:
             continue
-        fields = parse_shape_text(_value(item.getTextValue()))
+        fields = parse_shape_text(unwrap(item.getTextValue()))
         key = fields.uuid if fields is not None else f"shape-{n}"
         groups[key] = groups[key].symmetric_difference(geom) if key in groups else geom
     return shapely.union_all(list(groups.values())) if groups else Polygon()
 
 
-def _user_area(conn: Any, image_id: int) -> BaseGeometry:
-    """The union of an image's own ROIs with an area (ours excluded), level-0 px."""
+def _user_area(conn: Any, image_id: int) -> BaseGeometry | None:
+    """The union of an image's own ROIs (ours excluded), level-0 px; None without any area."""
     rois = [roi for roi in conn.getRoiService().findByImage(image_id, None).rois
-            if not is_ours(_value(roi.getDescription()))]
-    return shapely.union_all([roi_to_geometry(roi) for roi in rois]) if rois else Polygon()
+            if not is_ours(unwrap(roi.getDescription()))]
+    area = shapely.union_all([roi_to_geometry(roi) for roi in rois]) if rois else Polygon()
+    return None if area.is_empty or area.area <= 0 else area
+
+
+def _area_digest(area: BaseGeometry) -> str:
+    return hashlib.sha256(shapely.normalize(area).wkb).hexdigest()
 
 
 def regions_digest(conn: Any, image_id: int) -> str | None:
@@ -342,9 +344,7 @@ def regions_digest(conn: Any, image_id: int) -> str | None:
     makes another job, and a worker can tell that they changed after submission.
     """
     area = _user_area(conn, image_id)
-    if area.is_empty or area.area <= 0:
-        return None
-    return hashlib.sha256(shapely.normalize(area).wkb).hexdigest()
+    return None if area is None else _area_digest(area)
 
 
 def image_regions(conn: Any, image_id: int, path: Path) -> tuple[Path, str] | None:
@@ -357,7 +357,7 @@ def image_regions(conn: Any, image_id: int, path: Path) -> tuple[Path, str] | No
     from qupath_bridge.geojson import write_regions
 
     area = _user_area(conn, image_id)
-    if area.is_empty or area.area <= 0:
+    if area is None:
         return None
     write_regions(area, path)
-    return path, hashlib.sha256(shapely.normalize(area).wkb).hexdigest()
+    return path, _area_digest(area)

@@ -36,6 +36,7 @@ from omero_hwsi.omero.annotations import (
     provenance_pairs,
     roi_marker,
 )
+from omero_hwsi.omero.images import unwrap
 from omero_hwsi.omero.rois import roi_specs_from_features, to_omero_roi
 
 __all__ = ["ROI_BATCH", "WriteBack", "WrittenObjects", "check_image_access", "delete_job_objects",
@@ -105,11 +106,6 @@ def check_image_access(conn: Any, image_id: int) -> Any:
     return image
 
 
-def _text(value: Any) -> str:
-    getter = getattr(value, "getValue", None)
-    return "" if value is None else str(getter() if callable(getter) else value)
-
-
 def delete_job_objects(conn: Any, image: Any, job_id: str) -> tuple[int, int]:
     """Delete the ROIs and annotations this job wrote on ``image`` earlier; returns the counts.
 
@@ -119,8 +115,8 @@ def delete_job_objects(conn: Any, image: Any, job_id: str) -> tuple[int, int]:
     delete it too (a job writes onto one image only, so its marker finds nothing elsewhere).
     """
     marker = job_marker(job_id)
-    rois = [int(_text(roi.getId())) for roi in conn.getRoiService().findByImage(
-        int(image.getId()), None).rois if _text(roi.getDescription()) == roi_marker(job_id)]
+    rois = [int(unwrap(roi.getId())) for roi in conn.getRoiService().findByImage(
+        int(image.getId()), None).rois if unwrap(roi.getDescription()) == roi_marker(job_id)]
     annotations = sorted({int(ann.getId()) for kind, ns in _ANNOTATION_KINDS
                           for ann in conn.getObjects(kind, attributes={"ns": ns,
                                                                        "description": marker})})
@@ -169,7 +165,7 @@ def write_back(conn: Any, spec: WriteBack, *,
         update = conn.getUpdateService()
         for start in range(0, len(rois), ROI_BATCH):
             saved = update.saveAndReturnArray(rois[start:start + ROI_BATCH], conn.SERVICE_OPTS)
-            written.rois += [int(_text(roi.getId())) for roi in saved]
+            written.rois += [int(unwrap(roi.getId())) for roi in saved]
             if progress is not None:
                 progress("rois", min(start + ROI_BATCH, len(rois)), len(rois))
     for name, mimetype, ns in _ATTACHMENTS:
