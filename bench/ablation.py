@@ -108,8 +108,8 @@ def _delta(now: float | None, before: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "output" / "ablation")
-    parser.add_argument("--steps-scale", type=float, default=0.8,
-                        help="scale every stage's steps; 0.8 of the demo recipe keeps each arm "
+    parser.add_argument("--steps-scale", type=float, default=0.5,
+                        help="scale every stage's steps; 0.5 of the demo recipe keeps each arm "
                              "within 6 minutes on 2 cores")
     parser.add_argument("--test-slides", type=int, default=16)
     parser.add_argument("--reuse", action="store_true",

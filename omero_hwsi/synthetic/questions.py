@@ -24,6 +24,7 @@ Localisable questions (the finding in exactly one region of a slide of at least 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -125,13 +126,27 @@ class LetterBalancer:
 
     Positions come in shuffled blocks of ``n`` per ``(template, n)``: each block uses every
     position once, so counts never differ by more than one, and within a block the order
-    is random (seeded) rather than a guessable A, B, C, D cycle. The same balancer also
-    alternates yes/no style answers (:meth:`pick`).
+    is random (seeded) rather than a guessable A, B, C, D cycle. The same balancer keeps
+    yes/no answers balanced per subject (:meth:`take_turn`).
     """
 
     def __init__(self, seed: int) -> None:
         self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1E77E5]))
         self._blocks: dict[tuple[str, int], list[int]] = {}
+        self._answers: Counter[tuple[str, bool]] = Counter()
+
+    def take_turn(self, key: str, answer: bool) -> bool:
+        """Whether a yes/no question about ``key`` with this ``answer`` may be asked now.
+
+        It may when the answer has come up no more often than its opposite for ``key``; the
+        question is then counted. Over a dataset each key's yes and no counts stay within
+        one, so no key (a tissue class, say) predicts its answer: a blind model cannot learn
+        "stroma -> yes" from how common stroma is.
+        """
+        if self._answers[key, answer] > self._answers[key, not answer]:
+            return False
+        self._answers[key, answer] += 1
+        return True
 
     def position(self, template: str, n: int) -> int:
         """The next correct position (0-based) of ``template`` with ``n`` options."""
@@ -206,18 +221,19 @@ def slide_questions(truth: SlideTruth, balancer: LetterBalancer) -> list[Questio
         out.append(_closed("diagnosis", _wording("diagnosis", rng), correct, distractors,
                            balancer, regions))
 
-    # Yes and no in turn over the dataset, so "yes" is right half the time.
-    absent = [c for c in CLASS_NAMES if c not in present]
-    want_yes = balancer.position("presence/answer", 2) == 0
-    if not absent:
-        want_yes = True
-    pool = list(present) if want_yes else absent
-    name = pool[int(rng.integers(len(pool)))]
-    label = TISSUE_CLASSES[name].label
-    out.append(_closed(
-        "presence", _wording("presence", rng, label=label), "yes" if want_yes else "no", ["no"]
-        if want_yes else ["yes"], balancer, _ids(truth.regions_of(name)) if want_yes else (),
-    ))
+    # A presence question for every class whose yes/no turn it is: each class is asked as
+    # often with "yes" as with "no" over the dataset (within one), so neither the answer nor
+    # the class alone tells the answer.
+    for k in rng.permutation(len(CLASS_NAMES)):
+        name = CLASS_NAMES[int(k)]
+        yes = name in present
+        if not balancer.take_turn(f"presence/{name}", yes):
+            continue
+        out.append(_closed(
+            "presence", _wording("presence", rng, label=TISSUE_CLASSES[name].label),
+            "yes" if yes else "no", ["no" if yes else "yes"], balancer,
+            _ids(truth.regions_of(name)) if yes else (),
+        ))
 
     listed = join_words([TISSUE_CLASSES[c].label for c in ordered_classes(truth)])
     out.append(_open("tissue_types", _wording("tissue_types", rng),
@@ -244,13 +260,14 @@ def slide_questions(truth: SlideTruth, balancer: LetterBalancer) -> list[Questio
         out.append(_closed("nuclear_shape", _wording("nuclear_shape", rng), correct, wrong,
                            balancer, _ids(truth.regions_of(pair[0]))))
 
-    region = truth.regions[int(rng.integers(truth.spec.n_regions))]
     if truth.spec.n_regions > 1:
-        sentence = region_sentence(region, truth)
-        answer = "It shows " + sentence.split(" shows ", 1)[1]
-        out.append(_open("describe_region", _wording("describe_region", rng,
-                                                     location=region.location),
-                         answer, (region.hid,)))
+        # Every region described by its place: the reverse of "where", place -> tissue.
+        for region in truth.regions:
+            sentence = region_sentence(region, truth)
+            answer = "It shows " + sentence.split(" shows ", 1)[1]
+            out.append(_open("describe_region", _wording("describe_region", rng,
+                                                         location=region.location),
+                             answer, (region.hid,)))
 
     out.append(_open("caption", _wording("caption", rng), caption(truth)))
     out.append(_open("report", _wording("report", rng), report(truth)))

@@ -58,7 +58,7 @@ SPECIAL = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # The recipe. Changing anything here means retraining and reinstalling the demo model.
 RECIPE: dict[str, Any] = {
-    "train_slides": 96,
+    "train_slides": 192,
     "seed": 0,
     "vocab_size": 1024,
     "threads": 2,
@@ -75,7 +75,7 @@ RECIPE: dict[str, Any] = {
         1: {"batch_size": 8, "lr": 1e-3, "max_steps": 150, "warmup_steps": 15, "text_dim": 64,
             "text_heads": 4, "text_layers": 1, "text_max_length": 64},
         2: {"batch_size": 8, "lr": 1e-3, "max_steps": 300, "warmup_steps": 30},
-        3: {"batch_size": 8, "lr": 1e-3, "max_steps": 600, "warmup_steps": 50, "lora": False},
+        3: {"batch_size": 8, "lr": 1e-3, "max_steps": 3000, "warmup_steps": 50, "lora": False},
     },
 }
 

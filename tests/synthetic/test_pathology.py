@@ -265,12 +265,19 @@ def test_files_parse_with_the_training_readers(
 def test_correct_letters_and_answers_are_balanced(big_set: DatasetManifest) -> None:
     letters: dict[str, Counter[str]] = {}
     answers: dict[str, Counter[str]] = {}
+    presence: dict[str, Counter[str]] = {}
+    labels = {c.label: name for name, c in TISSUE_CLASSES.items()}
     for row in _rows(big_set):
         match = re.fullmatch(r"([A-D])\) (.+)", row["T-answer"])
         if match is None:
             continue
         letters.setdefault(row["template"], Counter())[match[1]] += 1
         answers.setdefault(row["template"], Counter())[match[2]] += 1
+        if row["template"] == "presence":
+            stem = row["question"].split(" A) ")[0]
+            (asked,) = [name for label, name in labels.items()
+                        if re.search(rf" {re.escape(label)}[ ?]", stem)]
+            presence.setdefault(asked, Counter())[match[2]] += 1
         options = re.findall(r"([A-D])\) ", row["question"])
         assert options == list("ABCD"[: len(options)]) and match[1] in options
     assert set(letters) == {"diagnosis", "presence", "location", "nuclear_shape"}
@@ -278,8 +285,11 @@ def test_correct_letters_and_answers_are_balanced(big_set: DatasetManifest) -> N
         n_options = 2 if template in ("presence", "nuclear_shape") else 4
         full = [counts.get(letter, 0) for letter in "ABCD"[:n_options]]
         assert max(full) - min(full) <= 1, (template, counts)
-    # The answers themselves are balanced too: yes/no, and one diagnosis per slide in turn.
-    assert abs(answers["presence"]["yes"] - answers["presence"]["no"]) <= 1
+    # The answers themselves are balanced too: yes/no per class (so neither the class asked
+    # about nor the answer's prior tells the answer), and one diagnosis per slide in turn.
+    assert set(presence) == set(TISSUE_CLASSES)
+    for name, counts in presence.items():
+        assert abs(counts["yes"] - counts["no"]) <= 1, (name, counts)
     assert max(answers["diagnosis"].values()) - min(answers["diagnosis"].values()) <= 1
     data = json.loads(big_set.manifest.read_text())
     per_class = data["counts"]["regions_per_class"]
