@@ -22,7 +22,7 @@ help:
 	@echo "make services   install (if missing) and start PostgreSQL, Redis and RabbitMQ"
 	@echo "make setup-omero add omero-py (builds and caches the zeroc-ice 3.6.5 wheel once, ~13 min)"
 	@echo "make bench      run the benchmarks in bench/ (prints ratios)"
-	@echo "make ablation   the scale ablation of the demo recipe (about 35 min on 2 cores)"
+	@echo "make ablation   the scale ablation of the demo recipe (about 20 min on 2 cores)"
 
 # The venv is (re)built when pyproject.toml changes. torch is installed explicitly first so that
 # pip takes the pinned CPU build instead of resolving a multi-GB CUDA build.
