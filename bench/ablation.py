@@ -38,6 +38,7 @@ from omero_hwsi.training.demo_recipe import (
     instruction_keys,
     model_config,
     prepare_data,
+    remove_entries,
     run_stage,
     set_visual_scales,
 )
@@ -68,12 +69,7 @@ def _shared(work: Path, train_data: Path, reuse: bool) -> Path:
     if reuse and done.exists() and json.loads(done.read_text(encoding="utf-8")) == wanted:
         console.print(f"reusing stages 0-1 in {work}")
         return final
-    for name in ("tokenizer", "stage0", "stage1", done.name):  # a run never resumes leftovers
-        path = work / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    remove_entries(work, ("tokenizer", "stage0", "stage1", done.name))
     tokenizer = build_tokenizer(train_data / "data", work / "tokenizer")
     config = model_config(tokenizer, work / "model_config.json")
     stage0 = run_stage(work, 0, model_config=config, tokenizer=work / "tokenizer",

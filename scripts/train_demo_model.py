@@ -28,6 +28,7 @@ from omero_hwsi.training.demo_recipe import (
     instruction_keys,
     model_config,
     prepare_data,
+    remove_entries,
     run_stage,
 )
 
@@ -59,9 +60,8 @@ def main() -> None:
 
     work: Path = args.work.resolve()
     if work.exists():  # stages never resume from an earlier run's leftovers
-        for entry in work.iterdir():
-            if entry.name != "train" or not args.keep_data:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        remove_entries(work, [entry.name for entry in work.iterdir()
+                              if entry.name != "train" or not args.keep_data])
     data = prepare_data(work / "train", slides=args.slides, seed=RECIPE["seed"], split="train",
                         reuse=args.keep_data, log=log)
 

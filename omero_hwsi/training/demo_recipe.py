@@ -46,6 +46,7 @@ __all__ = [
     "instruction_keys",
     "model_config",
     "prepare_data",
+    "remove_entries",
     "run_stage",
     "set_visual_scales",
 ]
@@ -80,6 +81,20 @@ RECIPE: dict[str, Any] = {
 }
 
 
+def remove_entries(folder: Path, names: Iterable[str]) -> None:
+    """Remove ``folder/<name>`` for each name, file or folder, where it exists.
+
+    A recipe step that is not reused starts from nothing: a half-made folder from an earlier,
+    interrupted run must never be taken for this run's output.
+    """
+    for name in names:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def _extract(job: tuple[Path, Path]) -> None:
     torch.set_num_threads(1)
     extract_slide(job[0], job[1], grid=DEMO_GRID, config=ExtractionConfig(workers=0))
@@ -103,12 +118,7 @@ def prepare_data(
     if reuse and done.exists() and json.loads(done.read_text(encoding="utf-8")) == wanted:
         log(f"reusing {slides} rendered slides and their features in {out}")
         return out
-    for name in ("data", "features", done.name):
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    remove_entries(out, ("data", "features", done.name))
     out.mkdir(parents=True, exist_ok=True)
     manifest = generate_dataset(out / "data", n_slides=slides, seed=seed, grid=DEMO_GRID,
                                 split=split)
